@@ -23,7 +23,7 @@ AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     """Inverse frequencies [head_dim // 2] (float32), with the llama3 scaling if configured."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     rs = cfg.rope_scaling
     if rs is not None:  # llama3: stretch low frequencies, keep high ones, blend between
         factor = rs["factor"]
@@ -38,23 +38,24 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     return inv_freq.float()
 
 
-class Rope(nn.Module):
+class Rope:
     """Rotary embedding with HF's half-rotation layout; cos/sin tables grow on demand."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.inv_freq = rope_inv_freq(cfg)
         self._cos = self._sin = None
 
     def tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin [N, 1, head_dim] for ``positions`` [N]."""
         need = int(positions.max()) + 1
-        if self._cos is None or self._cos.shape[0] < need or self._cos.dtype != dtype:
-            n = max(need, 4096, 0 if self._cos is None else 2 * self._cos.shape[0])
-            t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
+        stale = self._cos is None or self._cos.dtype != dtype or self._cos.device != positions.device
+        if stale or self._cos.shape[0] < need:
+            n = max(need, 4096, 0 if stale else 2 * self._cos.shape[0])
+            t = torch.arange(n, dtype=torch.float32, device="cpu")
             freqs = torch.outer(t, self.inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            self._cos = emb.cos().to(positions.device, dtype)
+            self._sin = emb.sin().to(positions.device, dtype)
         return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
 
 
@@ -137,6 +138,8 @@ class Transformer(nn.Module):
                 )
             param.copy_(value)
 
+        if cfg.tie_word_embeddings:  # re-tie: moving a module between devices unties
+            self.lm_head.weight = self.embed.weight
         put(self.embed.weight, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
         put(self.norm.weight, take("model.norm.weight"), "model.norm.weight")
         if not cfg.tie_word_embeddings:

@@ -1,0 +1,149 @@
+"""The ``hetero`` command: ``generate`` and ``info``.
+
+Results go to stdout (one JSON object with ``--json``); logs and progress go to stderr.
+Errors exit non-zero with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+
+from hetero.device import format_size
+
+logger = logging.getLogger("hetero")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    p.add_argument("--policy", default="dense", help="decode-attention policy (default: dense)")
+    p.add_argument("--device-kv-budget", default=None, metavar="SIZE", help="device KV memory, e.g. 64MiB, 2GiB or bytes")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (power of two)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's trained context)")
+    p.add_argument("--backend", default="local", choices=["local", "ray"], help="execution backend")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hetero", description="Long-context LLM inference on CPU and GPU.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    i = sub.add_parser("info", help="device, dtype, model, budget and versions")
+    _add_model_args(i)
+    return ap
+
+
+def _make_llm(args):
+    from hetero import LLM
+
+    if args.backend != "local":
+        raise ValueError(f"backend {args.backend!r} is not available yet: use --backend local")
+    return LLM(
+        model=args.model, device=args.device, dtype=args.dtype, policy=args.policy,
+        device_kv_budget=args.device_kv_budget, page_size=args.page_size,
+        max_model_len=args.max_model_len,
+    )
+
+
+def _generate(args) -> None:
+    from hetero import SamplingParams
+
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
+    else:
+        prompt = args.prompt
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=args.stop,
+    )
+    llm = _make_llm(args)
+    (out,) = llm.generate(prompt, params, chat=args.chat, progress=True)
+    if args.json:
+        print(json.dumps(out.to_dict()))
+        return
+    print(out.text)
+    s = out.stats
+    print(
+        f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated ({out.finish_reason}); "
+        f"TTFT {s.ttft_s:.2f} s, decode {s.decode_tokens_per_s:.1f} tok/s; device KV peak "
+        f"{format_size(s.device_kv_bytes_peak)} of {format_size(s.device_kv_budget)}; "
+        f"host KV {format_size(s.host_kv_bytes)}; h2d {format_size(s.h2d_bytes)}, "
+        f"d2h {format_size(s.d2h_bytes)}]",
+        file=sys.stderr,
+    )
+
+
+def _info(args) -> None:
+    import numba
+    import torch
+    import transformers
+    import triton
+
+    llm = _make_llm(args)
+    cfg = llm.config
+    rows = {
+        "device": str(llm.device.device),
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        "model": f"{llm.model_name} ({cfg.model_type}, {cfg.n_layers} layers, {cfg.n_heads} q / "
+        f"{cfg.n_kv_heads} kv heads, head_dim {cfg.head_dim})",
+        "context limit": str(llm.max_model_len),
+        "policy": args.policy,
+        "device KV budget": f"{format_size(llm.store.budget)} "
+        f"({llm.store.allocator.n_pages} pages of {llm.store.page_size} tokens)",
+        "KV per token": format_size(cfg.kv_bytes_per_token(llm.dtype.itemsize)),
+        "threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "numba": numba.__version__,
+        "transformers": transformers.__version__,
+    }
+    width = max(map(len, rows))
+    for k, v in rows.items():
+        print(f"{k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        {"generate": _generate, "info": _info}[args.command](args)
+    except (ValueError, TypeError, OSError) as e:
+        if args.verbose:
+            raise
+        print(f"hetero: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hetero: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

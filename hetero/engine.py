@@ -1,0 +1,97 @@
+"""The engine: chunked prefill and batched decode steps over the paged KV store.
+
+``prefill`` runs one sequence's prompt chunk by chunk; ``decode`` runs one token for each
+sequence of a batch. Both build the step's metadata once and hand the model an ``attend``
+closure, so the model never sees the cache or the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from gpu_kernels import prefill_attention
+from hetero.cache import KVStore
+from hetero.model import Transformer
+from hetero.policies import DecodeStep, Policy
+
+
+class Engine:
+    def __init__(self, model: Transformer, store: KVStore, policy: Policy, prefill_chunk: int):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model, self.store, self.policy = model, store, policy
+        self.prefill_chunk = prefill_chunk
+        self.scale = model.cfg.head_dim**-0.5
+        self.device = store.device.device
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        seq_id: int,
+        token_ids: list[int],
+        all_logits: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> Tensor:
+        """Write the KV of ``token_ids`` for ``seq_id`` (pages must be reserved).
+
+        Returns logits [vocab] of the last token, or [len(token_ids), vocab] with
+        ``all_logits`` (float32). ``progress(n)`` is called after each chunk of ``n`` tokens.
+        """
+        store, model = self.store, self.model
+        table = store.tables[seq_id]
+        block_table = store.block_table([seq_id])[0]
+        logits = []
+        for start in range(0, len(token_ids), self.prefill_chunk):
+            chunk = token_ids[start : start + self.prefill_chunk]
+            n = len(chunk)
+            slots = store.slots(seq_id, start, n)
+
+            def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                store.write(layer, slots, k, v)
+                out, _ = prefill_attention(
+                    q, store.k[layer], store.v[layer], block_table, start, self.scale,
+                    store.page_size,
+                )
+                return out
+
+            tokens = torch.tensor(chunk, device=self.device)
+            positions = torch.arange(start, start + n, device=self.device)
+            hidden = model(tokens, positions, attend)
+            table.n_tokens = start + n
+            if all_logits:
+                logits.append(model.logits(hidden))
+            elif start + n == len(token_ids):
+                logits.append(model.logits(hidden[-1:])[0])
+            if progress is not None:
+                progress(n)
+        return torch.cat(logits) if all_logits else logits[0]
+
+    @torch.inference_mode()
+    def decode(self, seq_ids: list[int], token_ids: list[int]) -> Tensor:
+        """Feed one token per sequence; returns logits [B, vocab] (float32)."""
+        store, cfg = self.store, self.model.cfg
+        positions = [store.tables[s].n_tokens for s in seq_ids]
+        slots = torch.cat([store.slots(s, p, 1) for s, p in zip(seq_ids, positions)])
+        b = len(seq_ids)
+        step = DecodeStep(
+            store=store,
+            seq_ids=seq_ids,
+            block_table=store.block_table(seq_ids)[:, None, :].expand(b, cfg.n_kv_heads, -1),
+            kv_lens=torch.tensor(positions, dtype=torch.int32, device=self.device)[:, None]
+            .add(1)
+            .expand(b, cfg.n_kv_heads),
+            scale=self.scale,
+        )
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            store.write(layer, slots, k, v)
+            return self.policy.attend_decode(layer, q, step)
+
+        tokens = torch.tensor(token_ids, device=self.device)
+        hidden = self.model(tokens, torch.tensor(positions, device=self.device), attend)
+        for s in seq_ids:
+            store.tables[s].n_tokens += 1
+        return self.model.logits(hidden)

@@ -1,0 +1,285 @@
+"""The public facade: ``LLM(...).generate(prompts, SamplingParams)`` and friends."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from hetero.cache import KVStore
+from hetero.device import Device, default_kv_budget, parse_size, resolve_device
+from hetero.engine import Engine
+from hetero.loader import load_checkpoint
+from hetero.model import Transformer
+from hetero.outputs import Detokenizer, LogprobsOutput, Output, RequestStats
+from hetero.policies import make_policy
+from hetero.sampling import SamplingParams, make_generator, sample
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("local",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class _Request:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # generation cap: max_new_tokens, or less at the context limit
+    detok: Detokenizer
+    generator: torch.Generator | None
+    t_start: float
+    output_ids: list[int]
+    t_first: float = 0.0
+    t_end: float = 0.0
+    finish_reason: str | None = None
+
+
+class LLM:
+    """A Llama-family model with a paged KV store under a device budget.
+
+    Parameters
+    ----------
+    model : path to an HF directory or a GGUF file; None loads the embedded SmolLM2-135M.
+    device : "auto" (CUDA if present, else CPU), "cpu" or "cuda".
+    dtype : "float32", "bfloat16", "float16" or a torch dtype; None picks float32 on CPU and
+        bfloat16 on CUDA.
+    policy : decode-attention policy name ("dense"); ``policy_params`` are its parameters.
+    device_kv_budget : bytes (or "2GiB") of device memory for KV; None = a default share.
+    page_size : tokens per KV page (a power of two).
+    prefill_chunk : prompt tokens per prefill step.
+    max_model_len : longest prompt + generation; None = the model's trained context.
+    backend : "local".
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "auto",
+        dtype: str | torch.dtype | None = None,
+        policy: str = "dense",
+        policy_params: dict | None = None,
+        device_kv_budget: int | str | None = None,
+        page_size: int = 16,
+        prefill_chunk: int = 1024,
+        max_model_len: int | None = None,
+        backend: str = "local",
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        self.policy = make_policy(policy, **(policy_params or {}))
+        dev = resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, dev)
+        budget = default_kv_budget(dev) if device_kv_budget is None else parse_size(device_kv_budget)
+        ckpt = load_checkpoint(model, self.dtype)
+        self.config, self.tokenizer, self.model_name = ckpt.config, ckpt.tokenizer, ckpt.name
+        with torch.device("meta"):
+            net = Transformer(self.config)
+        net = net.to_empty(device=dev).to(self.dtype)
+        net.load_hf_state_dict(ckpt.state_dict)
+        self.model = net.eval().requires_grad_(False)
+        trained = self.config.max_position_embeddings
+        self.max_model_len = max_model_len or trained
+        if self.max_model_len > trained:
+            logger.warning(
+                "max_model_len %d exceeds the %d tokens %s was trained on: quality may drop",
+                self.max_model_len, trained, self.model_name,
+            )
+        self.device = Device(dev)
+        self.store = KVStore(self.config, self.device, self.dtype, page_size, budget)
+        self.engine = Engine(self.model, self.store, self.policy, prefill_chunk)
+        self.eos_ids = set(self.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._ids = itertools.count()
+        self._traffic0 = replace(self.device.traffic)
+
+    # -- public API ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | None = None,
+        chat: bool = False,
+        progress: bool = False,
+    ) -> list[Output]:
+        """Generate for one prompt or a batch decoded together; one Output per prompt.
+
+        A prompt is text, or a list of token ids used as they are.
+        """
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        reqs = self._admit([prompts] if single else prompts, params, chat)
+        for _ in self._run(reqs, progress):
+            pass
+        return [self._finish(r) for r in reqs]
+
+    def stream(
+        self, prompt: str, params: SamplingParams | None = None, chat: bool = False
+    ) -> Iterator[str]:
+        """Yield the text of one prompt's generation piece by piece as it is decoded."""
+        (req,) = self._admit([prompt], params, chat)
+        for _ in self._run([req], progress=False):
+            if piece := req.detok.delta():
+                yield piece
+        if piece := req.detok.delta(final=True):
+            yield piece
+        self._finish(req)
+
+    def logprobs(self, text: str) -> LogprobsOutput:
+        """Per-token log-probabilities of ``text`` under the model (for perplexity)."""
+        ids = self._encode(text, chat=False)
+        if len(ids) < 2:
+            raise ValueError("logprobs needs a text of at least two tokens")
+        seq = next(self._ids)
+        try:
+            self.store.reserve(seq, len(ids))
+            logits = self.engine.prefill(seq, ids, all_logits=True)
+        finally:
+            self.store.release(seq)
+        lp = torch.log_softmax(logits[:-1], dim=-1)
+        target = torch.tensor(ids[1:], device=lp.device)[:, None]
+        return LogprobsOutput(ids, lp.gather(1, target)[:, 0].tolist())
+
+    def memory_report(self) -> dict:
+        """Device KV budget, use and peak, host KV bytes, and cumulative link traffic."""
+        return asdict(self.store.memory_report())
+
+    def close(self) -> None:
+        for seq in list(self.store.tables):
+            self.store.release(seq)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            if chat:
+                raise ValueError("chat=True needs a text prompt, not token ids")
+            if not all(0 <= t < self.config.vocab_size for t in prompt):
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+            ids = list(prompt)
+        elif not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt must be a non-empty string (or a list of token ids)")
+        elif chat:
+            if not self.tokenizer.chat_template:
+                raise ValueError(f"{self.model_name} has no chat template: call without chat")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, the context limit is {self.max_model_len}: "
+                f"shorten it or pass a larger max_model_len"
+            )
+        return ids
+
+    def _admit(self, prompts: list[str], params: SamplingParams | None, chat: bool):
+        """Tokenize and reserve KV for every prompt, or raise leaving no state behind."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not prompts:
+            raise ValueError("no prompts given")
+        encoded = [self._encode(p, chat) for p in prompts]
+        self.store.allocator.peak_used = self.store.allocator.n_used
+        self._traffic0 = replace(self.device.traffic)
+        reqs = []
+        try:
+            for ids in encoded:
+                seq = next(self._ids)
+                cap = min(params.max_new_tokens, self.max_model_len - len(ids))
+                reqs.append(
+                    _Request(seq, ids, params, cap, Detokenizer(self.tokenizer, params.stop),
+                             make_generator(params, self.device.device), time.perf_counter(), [])
+                )
+                self.store.reserve(seq, len(ids) + cap)
+        except ValueError:
+            for r in reqs:
+                self.store.release(r.seq_id)
+            raise
+        return reqs
+
+    def _run(self, reqs: list[_Request], progress: bool) -> Iterator[None]:
+        """Prefill every request, then decode the live ones together; yields per token."""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(len(r.prompt_ids) for r in reqs), desc="prefill", unit="tok")
+        try:
+            for r in reqs:
+                logits = self.engine.prefill(r.seq_id, r.prompt_ids, progress=bar and bar.update)
+                self._accept(r, sample(logits, r.params, r.generator))
+                yield
+            if bar is not None:
+                bar.close()
+            live = [r for r in reqs if r.finish_reason is None]
+            while live:
+                logits = self.engine.decode([r.seq_id for r in live], [r.output_ids[-1] for r in live])
+                for r, row in zip(live, logits):
+                    self._accept(r, sample(row, r.params, r.generator))
+                yield
+                live = [r for r in live if r.finish_reason is None]
+        finally:
+            if bar is not None:
+                bar.close()
+            for r in reqs:
+                if r.finish_reason is None:  # interrupted: free its pages all the same
+                    self.store.release(r.seq_id)
+
+    def _accept(self, r: _Request, token: int) -> None:
+        if not r.output_ids:
+            r.t_first = time.perf_counter()
+        r.output_ids.append(token)
+        if token in self.eos_ids and not r.params.ignore_eos:
+            r.finish_reason = "stop"
+            r.output_ids.pop()  # EOS is not part of the answer
+        else:
+            r.detok.add(r.output_ids)
+            if r.detok.stopped:
+                r.finish_reason = "stop"
+            elif len(r.output_ids) >= r.max_tokens:
+                r.finish_reason = "length"
+        if r.finish_reason is not None:
+            r.t_end = time.perf_counter()
+
+    def _finish(self, r: _Request) -> Output:
+        mem = self.store.memory_report()
+        self.store.release(r.seq_id)
+        n = len(r.output_ids)
+        decode_s = r.t_end - r.t_first
+        stats = RequestStats(
+            prompt_tokens=len(r.prompt_ids),
+            generated_tokens=n,
+            ttft_s=r.t_first - r.t_start,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            device_kv_bytes_peak=mem.device_kv_bytes_peak,
+            device_kv_budget=mem.device_kv_budget,
+            host_kv_bytes=mem.host_kv_bytes,
+            h2d_bytes=mem.h2d_bytes - self._traffic0.h2d_bytes,
+            d2h_bytes=mem.d2h_bytes - self._traffic0.d2h_bytes,
+        )
+        return Output(r.detok.text, r.output_ids, r.finish_reason, stats)
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")

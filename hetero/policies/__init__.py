@@ -1,0 +1,20 @@
+"""Attention policies, chosen by name. Adding one = a file, an entry here, a test row."""
+
+from __future__ import annotations
+
+from hetero.policies.base import DecodeStep, Policy
+from hetero.policies.dense import DensePolicy
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (DensePolicy,)}
+
+
+def make_policy(name: str, **params) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    try:
+        return POLICIES[name](**params)
+    except TypeError as e:
+        raise ValueError(f"policy {name!r}: {e}") from None
+
+
+__all__ = ["POLICIES", "DecodeStep", "DensePolicy", "Policy", "make_policy"]

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from hetero.cli import main
+
+STATS = {"prompt_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s",
+         "device_kv_bytes_peak", "device_kv_budget", "host_kv_bytes", "h2d_bytes", "d2h_bytes"}
+
+
+def test_generate_json_is_one_object_on_stdout(tiny_model_dir, tmp_path, capsys):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Once upon a time")
+    code = main(["generate", "--model", tiny_model_dir, "--prompt-file", str(prompt),
+                 "--max-new-tokens", "5", "--temperature", "0", "--device-kv-budget", "4MiB",
+                 "--json"])
+    out = capsys.readouterr()
+    assert code == 0
+    obj = json.loads(out.out)
+    assert set(obj) == {"text", "token_ids", "finish_reason", "stats"}
+    assert set(obj["stats"]) == STATS
+    assert obj["stats"]["device_kv_budget"] == 4 * 2**20
+    assert len(obj["token_ids"]) <= 5 and obj["finish_reason"] in ("stop", "length")
+
+
+def test_chat_flag_uses_the_template(tiny_model_dir, capsys):
+    assert main(["generate", "--model", tiny_model_dir, "--prompt", "Hi", "--chat",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["prompt_tokens"] > 5  # the template's system and role tokens were added
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["--prompt-file", "/nonexistent/file.txt"], "cannot read --prompt-file"),
+        (["--prompt", "x", "--policy", "magic"], "unknown policy"),
+        (["--prompt", "x", "--device-kv-budget", "1KiB"], "below one page"),
+        (["--prompt", ""], "non-empty"),
+    ],
+)
+def test_errors_are_one_line_and_nonzero(tiny_model_dir, capsys, argv, match):
+    code = main(["generate", "--model", tiny_model_dir, *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("hetero: error:") and match in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_missing_model_path(capsys):
+    assert main(["generate", "--model", "/no/such/model", "--prompt", "x"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_info(tiny_model_dir, capsys):
+    assert main(["info", "--model", tiny_model_dir, "--device-kv-budget", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "device KV budget" in out and "1.00 GiB" in out and "torch" in out
