@@ -42,7 +42,7 @@ class Engine:
         """
         store, model = self.store, self.model
         table = store.tables[seq_id]
-        block_table = store.block_table([seq_id])[0]
+        block_tables = store.block_tables([seq_id])[:, 0]  # [L, P]
         logits = []
         for start in range(0, len(token_ids), self.prefill_chunk):
             chunk = token_ids[start : start + self.prefill_chunk]
@@ -50,10 +50,9 @@ class Engine:
             slots = store.slots(seq_id, start, n)
 
             def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                store.write(layer, slots, k, v)
+                store.write(slots[layer], k, v)
                 out, _ = prefill_attention(
-                    q, store.k[layer], store.v[layer], block_table, start, self.scale,
-                    store.page_size,
+                    q, store.k, store.v, block_tables[layer], start, self.scale, store.page_size
                 )
                 return out
 
@@ -74,12 +73,12 @@ class Engine:
         """Feed one token per sequence; returns logits [B, vocab] (float32)."""
         store, cfg = self.store, self.model.cfg
         positions = [store.tables[s].n_tokens for s in seq_ids]
-        slots = torch.cat([store.slots(s, p, 1) for s, p in zip(seq_ids, positions)])
+        slots = torch.cat([store.slots(s, p, 1) for s, p in zip(seq_ids, positions)], dim=1)
         b = len(seq_ids)
         step = DecodeStep(
             store=store,
             seq_ids=seq_ids,
-            block_table=store.block_table(seq_ids)[:, None, :].expand(b, cfg.n_kv_heads, -1),
+            block_tables=store.block_tables(seq_ids)[:, :, None, :].expand(-1, b, cfg.n_kv_heads, -1),
             kv_lens=torch.tensor(positions, dtype=torch.int32, device=self.device)[:, None]
             .add(1)
             .expand(b, cfg.n_kv_heads),
@@ -87,7 +86,7 @@ class Engine:
         )
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            store.write(layer, slots, k, v)
+            store.write(slots[layer], k, v)
             return self.policy.attend_decode(layer, q, step)
 
         tokens = torch.tensor(token_ids, device=self.device)

@@ -1,4 +1,4 @@
-from hetero.cache.pages import OutOfPages, PageAllocator, PageTable
+from hetero.cache.pages import OFFLOADED, OutOfPages, PageAllocator, SeqPages
 from hetero.cache.store import KVStore, MemoryReport
 
-__all__ = ["KVStore", "MemoryReport", "OutOfPages", "PageAllocator", "PageTable"]
+__all__ = ["OFFLOADED", "KVStore", "MemoryReport", "OutOfPages", "PageAllocator", "SeqPages"]

@@ -1,14 +1,19 @@
 """Page bookkeeping, without tensors: which device pages a sequence owns, and the budget.
 
-A page is ``page_size`` consecutive tokens of K and V. A device page id names the same slot
-range in every layer's pool, so one table per sequence serves all layers. The allocator
-hands out contiguous runs when it can: the CPU attention path reads a run as one view.
+A page is ``page_size`` consecutive tokens of one layer's K and V (all KV heads). Every
+layer draws its pages from one pool, so layers may keep different amounts of KV on the
+device (dense layers all of it, sparse layers sinks, window and a page cache). The
+allocator hands out contiguous runs when it can: the CPU attention path reads a run as one
+view.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+
+OFFLOADED = -1
+"""Page-table entry of a page that lives on the host tier only."""
 
 
 class OutOfPages(ValueError):
@@ -52,15 +57,6 @@ class PageAllocator:
         self.peak_used = max(self.peak_used, self.n_used)
         return pages
 
-    def allocate_after(self, page: int) -> int | None:
-        """The id right after ``page`` if it is free (keeps a sequence contiguous), else None."""
-        i = bisect.bisect_left(self._free, page + 1)
-        if i < len(self._free) and self._free[i] == page + 1:
-            del self._free[i]
-            self.peak_used = max(self.peak_used, self.n_used)
-            return page + 1
-        return None
-
     def free(self, pages: list[int]) -> None:
         for p in pages:
             i = bisect.bisect_left(self._free, p)
@@ -69,17 +65,26 @@ class PageAllocator:
 
 
 @dataclass(slots=True)
-class PageTable:
-    """The device pages of one sequence, in token order; ``n_tokens`` of them are written."""
+class SeqPages:
+    """Page tables of one sequence: ``layers[l][i]`` is the device page holding tokens
+    ``i*page_size ..`` of layer ``l``, or :data:`OFFLOADED`. ``n_tokens`` are written."""
 
     page_size: int
-    pages: list[int] = field(default_factory=list)
+    n_layers: int
+    layers: list[list[int]] = field(default_factory=list)
     n_tokens: int = 0
 
-    def pages_for(self, n_tokens: int) -> int:
-        """How many more pages are needed to hold ``n_tokens`` tokens in all."""
-        return max(0, -(-n_tokens // self.page_size) - len(self.pages))
+    def __post_init__(self):
+        if not self.layers:
+            self.layers = [[] for _ in range(self.n_layers)]
 
-    def slot(self, position: int) -> int:
-        """Pool slot of the token at ``position``."""
-        return self.pages[position // self.page_size] * self.page_size + position % self.page_size
+    @property
+    def n_pages(self) -> int:
+        return len(self.layers[0])
+
+    def pages_for(self, n_tokens: int) -> int:
+        """How many more pages per layer are needed to hold ``n_tokens`` tokens in all."""
+        return max(0, -(-n_tokens // self.page_size) - self.n_pages)
+
+    def on_device(self) -> list[int]:
+        return [p for pages in self.layers for p in pages if p != OFFLOADED]

@@ -1,7 +1,7 @@
 """The paged KV store: one device pool per layer under a byte budget, and a host tier.
 
-Device pools have the layout the attention kernels read: per layer ``[Hkv, n_slots, D]``
-with ``n_slots = n_pages * page_size``. The host tier keeps a sequence's offloaded pages by
+The device pool has the layout the attention kernels read: ``[Hkv, n_slots, D]`` for K and
+for V, ``n_slots = n_pages * page_size``, shared by all layers (each layer has its own pages). The host tier keeps a sequence's offloaded pages by
 token position (``[L, Hkv, capacity, D]``), the layout CPU workers scan. Every copy between
 the tiers goes through :class:`hetero.device.Device`, which counts the bytes.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hetero.cache.pages import OutOfPages, PageAllocator, PageTable
+from hetero.cache.pages import OFFLOADED, OutOfPages, PageAllocator, SeqPages
 from hetero.config import ModelConfig
 from hetero.device import Device, format_size
 
@@ -29,106 +29,113 @@ class MemoryReport:
 
 
 class KVStore:
+    """Device pool of KV pages under ``budget`` bytes, per-sequence page tables, host tier."""
+
     def __init__(
         self, cfg: ModelConfig, device: Device, dtype: torch.dtype, page_size: int, budget: int
     ):
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         self.cfg, self.device, self.dtype, self.page_size = cfg, device, dtype, page_size
-        self.page_bytes = cfg.kv_bytes_per_token(dtype.itemsize) * page_size
+        self.page_bytes = 2 * cfg.n_kv_heads * page_size * cfg.head_dim * dtype.itemsize
         n_pages = budget // self.page_bytes
-        if n_pages < 1:
+        if n_pages < cfg.n_layers:
             raise ValueError(
-                f"device_kv_budget {format_size(budget)} is below one page of KV "
-                f"({format_size(self.page_bytes)} for page_size={page_size}): raise the budget"
+                f"device_kv_budget {format_size(budget)} is below one page per layer "
+                f"({format_size(cfg.n_layers * self.page_bytes)} for page_size={page_size}): "
+                f"raise the budget"
             )
         self.budget = budget
         self.allocator = PageAllocator(n_pages)
-        shape = (cfg.n_layers, cfg.n_kv_heads, n_pages * page_size, cfg.head_dim)
+        shape = (cfg.n_kv_heads, n_pages * page_size, cfg.head_dim)
         # torch.empty reserves address space only; memory is committed as pages are written.
         self.k = device.empty(shape, dtype)
         self.v = device.empty(shape, dtype)
-        self.tables: dict[int, PageTable] = {}
+        self.tables: dict[int, SeqPages] = {}
         self.host: dict[int, tuple[Tensor, Tensor]] = {}
 
     # -- sequences -----------------------------------------------------------------------
 
-    def reserve(self, seq_id: int, n_tokens: int) -> PageTable:
-        """Make room on the device for ``n_tokens`` tokens of ``seq_id`` (all layers)."""
-        table = self.tables.setdefault(seq_id, PageTable(self.page_size))
+    def reserve(self, seq_id: int, n_tokens: int) -> SeqPages:
+        """Make room on the device for ``n_tokens`` tokens of ``seq_id`` in every layer."""
+        table = self.tables.setdefault(seq_id, SeqPages(self.page_size, self.cfg.n_layers))
         need = table.pages_for(n_tokens)
         if need == 0:
             return table
-        nxt = self.allocator.allocate_after(table.pages[-1]) if table.pages and need == 1 else None
-        try:
-            table.pages += [nxt] if nxt is not None else self.allocator.allocate(need)
-        except OutOfPages:
+        if need * self.cfg.n_layers > self.allocator.n_free:
             raise OutOfPages(
-                f"the KV of {n_tokens} tokens needs {format_size(need * self.page_bytes)} more "
-                f"on the device, but only {format_size(self.allocator.n_free * self.page_bytes)} "
-                f"of the device_kv_budget {format_size(self.budget)} is free: raise "
-                f"device_kv_budget, shorten the prompt or max_new_tokens, or send fewer prompts"
-            ) from None
+                f"the KV of {n_tokens} tokens needs "
+                f"{format_size(need * self.cfg.n_layers * self.page_bytes)} more on the device, "
+                f"but only {format_size(self.allocator.n_free * self.page_bytes)} of the "
+                f"device_kv_budget {format_size(self.budget)} is free: raise device_kv_budget, "
+                f"shorten the prompt or max_new_tokens, or send fewer prompts"
+            )
+        for pages in table.layers:  # one run per layer: the CPU path reads it as one view
+            pages += self.allocator.allocate(need)
         return table
 
     def release(self, seq_id: int) -> None:
         table = self.tables.pop(seq_id, None)
         if table is not None:
-            self.allocator.free([p for p in table.pages if p >= 0])
+            self.allocator.free(table.on_device())
         self.host.pop(seq_id, None)
 
     def slots(self, seq_id: int, start: int, n: int) -> Tensor:
-        """Pool slots [n] (int64, on the device) of positions ``start..start+n-1``."""
+        """Pool slots [L, n] (int64, device) of positions ``start..start+n-1`` per layer."""
         table = self.tables[seq_id]
-        return torch.tensor(
-            [table.slot(p) for p in range(start, start + n)], device=self.device.device
-        )
+        ps = self.page_size
+        pos = torch.arange(start, start + n)
+        pages = torch.tensor(table.layers)[:, pos // ps]
+        assert bool((pages >= 0).all()), "writing to a page that is not on the device"
+        return (pages * ps + pos % ps).to(self.device.device)
 
-    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store ``k``, ``v`` [N, Hkv, D] of one layer at pool ``slots`` [N]."""
-        self.k[layer].index_copy_(1, slots, k.transpose(0, 1))
-        self.v[layer].index_copy_(1, slots, v.transpose(0, 1))
+    def write(self, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store one layer's ``k``, ``v`` [N, Hkv, D] at pool ``slots`` [N]."""
+        self.k.index_copy_(1, slots, k.transpose(0, 1))
+        self.v.index_copy_(1, slots, v.transpose(0, 1))
 
-    def block_table(self, seq_ids: list[int]) -> Tensor:
-        """Page ids [B, max_pages] (int32, device) of each sequence; -1 pads."""
-        width = max(len(self.tables[s].pages) for s in seq_ids)
-        rows = [self.tables[s].pages + [-1] * (width - len(self.tables[s].pages)) for s in seq_ids]
+    def block_tables(self, seq_ids: list[int]) -> Tensor:
+        """Page ids [L, B, max_pages] (int32, device) of each layer and sequence; -1 pads."""
+        width = max(self.tables[s].n_pages for s in seq_ids)
+        rows = [
+            [pages + [OFFLOADED] * (width - len(pages)) for s in seq_ids for pages in [self.tables[s].layers[l]]]
+            for l in range(self.cfg.n_layers)
+        ]
         return torch.tensor(rows, dtype=torch.int32, device=self.device.device)
 
     # -- host tier -----------------------------------------------------------------------
 
-    def offload(self, seq_id: int, page_idx: list[int]) -> None:
-        """Move logical pages ``page_idx`` of ``seq_id`` to the host tier, freeing device pages."""
+    def offload(self, seq_id: int, layer: int, page_idx: list[int]) -> None:
+        """Move pages ``page_idx`` of one layer of ``seq_id`` to the host tier."""
         table = self.tables[seq_id]
-        hk, hv = self._host_buffers(seq_id, len(table.pages) * self.page_size)
+        hk, hv = self._host_buffers(seq_id, table.n_pages * self.page_size)
+        pages = table.layers[layer]
         freed = []
         for i in page_idx:
-            page = table.pages[i]
-            assert page >= 0, f"page {i} of sequence {seq_id} is not on the device"
-            dev, host = self._page_slice(page), slice(i * self.page_size, (i + 1) * self.page_size)
-            self.device.to_host(hk[:, :, host], self.k[:, :, dev])
-            self.device.to_host(hv[:, :, host], self.v[:, :, dev])
-            table.pages[i] = -1
-            freed.append(page)
+            assert pages[i] != OFFLOADED, f"page {i} of sequence {seq_id} is not on the device"
+            dev, host = self._page_slice(pages[i]), self._page_slice(i)
+            self.device.to_host(hk[layer, :, host], self.k[:, dev])
+            self.device.to_host(hv[layer, :, host], self.v[:, dev])
+            freed.append(pages[i])
+            pages[i] = OFFLOADED
         self.allocator.free(freed)
 
-    def fetch(self, seq_id: int, page_idx: list[int]) -> None:
-        """Bring logical pages ``page_idx`` of ``seq_id`` back from the host tier."""
-        table = self.tables[seq_id]
+    def fetch(self, seq_id: int, layer: int, page_idx: list[int]) -> None:
+        """Bring pages ``page_idx`` of one layer of ``seq_id`` back from the host tier."""
+        pages = self.tables[seq_id].layers[layer]
         hk, hv = self.host[seq_id]
-        pages = self.allocator.allocate(len(page_idx))
-        for i, page in zip(page_idx, pages):
-            assert table.pages[i] == -1, f"page {i} of sequence {seq_id} is already on the device"
-            dev, host = self._page_slice(page), slice(i * self.page_size, (i + 1) * self.page_size)
-            self.device.to_device(self.k[:, :, dev], hk[:, :, host])
-            self.device.to_device(self.v[:, :, dev], hv[:, :, host])
-            table.pages[i] = page
+        for i, page in zip(page_idx, self.allocator.allocate(len(page_idx))):
+            assert pages[i] == OFFLOADED, f"page {i} of sequence {seq_id} is already on the device"
+            dev, host = self._page_slice(page), self._page_slice(i)
+            self.device.to_device(self.k[:, dev], hk[layer, :, host])
+            self.device.to_device(self.v[:, dev], hv[layer, :, host])
+            pages[i] = page
 
     def _page_slice(self, page: int) -> slice:
         return slice(page * self.page_size, (page + 1) * self.page_size)
 
     def _host_buffers(self, seq_id: int, n_tokens: int) -> tuple[Tensor, Tensor]:
-        """The host tier of ``seq_id``, grown (doubling) to hold ``n_tokens`` positions."""
+        """The host tier of ``seq_id`` [L, Hkv, capacity, D], grown (doubling) to ``n_tokens``."""
         cur = self.host.get(seq_id)
         if cur is not None and cur[0].shape[2] >= n_tokens:
             return cur

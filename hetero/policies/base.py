@@ -14,13 +14,13 @@ from hetero.cache import KVStore
 class DecodeStep:
     """Per-step metadata shared by every layer of one decode step (built once per step).
 
-    ``block_table`` [B, Hkv, P] int32 device page ids (-1 pads); ``kv_lens`` [B, Hkv] int32
-    tokens held in those pages, the new token included.
+    ``block_tables`` [L, B, Hkv, P] int32 device page ids (-1 pads); ``kv_lens`` [B, Hkv]
+    int32 tokens held in those pages, the new token included.
     """
 
     store: KVStore
     seq_ids: list[int]
-    block_table: Tensor
+    block_tables: Tensor
     kv_lens: Tensor
     scale: float
 

@@ -17,7 +17,7 @@ class DensePolicy(Policy):
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         store = step.store
         out, _ = paged_decode_attention(
-            q, store.k[layer], store.v[layer], step.block_table, step.kv_lens, step.scale,
+            q, store.k, store.v, step.block_tables[layer], step.kv_lens, step.scale,
             store.page_size,
         )
         return out

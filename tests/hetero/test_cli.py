@@ -36,7 +36,7 @@ def test_chat_flag_uses_the_template(tiny_model_dir, capsys):
         (["--prompt", "x", "--temperature", "-1"], "temperature"),
         (["--prompt-file", "/nonexistent/file.txt"], "cannot read --prompt-file"),
         (["--prompt", "x", "--policy", "magic"], "unknown policy"),
-        (["--prompt", "x", "--device-kv-budget", "1KiB"], "below one page"),
+        (["--prompt", "x", "--device-kv-budget", "1KiB"], "below one page per layer"),
         (["--prompt", ""], "non-empty"),
     ],
 )

@@ -1,6 +1,6 @@
 import pytest
 
-from hetero.cache import OutOfPages, PageAllocator, PageTable
+from hetero.cache import OFFLOADED, OutOfPages, PageAllocator, SeqPages
 
 
 def test_allocate_prefers_contiguous_runs():
@@ -31,15 +31,6 @@ def test_out_of_pages_is_a_value_error_and_changes_nothing():
     assert a.n_free == 1
 
 
-def test_allocate_after_extends_a_run_only_when_free():
-    a = PageAllocator(4)
-    assert a.allocate(1) == [0]
-    assert a.allocate_after(0) == 1
-    a.allocate(1)  # takes 2
-    assert a.allocate_after(1) is None
-    assert a.peak_used == 3
-
-
 def test_double_free_is_caught():
     a = PageAllocator(2)
     pages = a.allocate(1)
@@ -48,10 +39,13 @@ def test_double_free_is_caught():
         a.free(pages)
 
 
-def test_page_table_slots_and_growth():
-    t = PageTable(page_size=4, pages=[7, 2])
-    assert [t.slot(p) for p in (0, 3, 4, 7)] == [28, 31, 8, 11]
+def test_seq_pages_growth_and_device_pages():
+    t = SeqPages(page_size=4, n_layers=2)
+    assert t.layers == [[], []] and t.n_pages == 0
+    t.layers[0] += [7, 2]
+    t.layers[1] += [OFFLOADED, 5]
     assert t.pages_for(8) == 0 and t.pages_for(9) == 1 and t.pages_for(17) == 3
+    assert sorted(t.on_device()) == [2, 5, 7]
 
 
 def test_allocator_needs_a_page():
