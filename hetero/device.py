@@ -89,12 +89,18 @@ class Device:
         """Host memory; pinned when a GPU is present so copies can be asynchronous."""
         return torch.empty(shape, dtype=dtype, pin_memory=self.is_cuda)
 
-    def to_device(self, dst: Tensor, src: Tensor) -> None:
-        """Copy host ``src`` into device ``dst`` and count the bytes."""
-        dst.copy_(src, non_blocking=self.is_cuda)
+    def to_device(self, dst: Tensor, src: Tensor, index: Tensor | None = None) -> None:
+        """Copy host ``src`` into device ``dst`` (at slots ``index`` of dim 1) and count it."""
+        self._copy(dst, src, index)
         self.traffic.h2d_bytes += src.numel() * src.element_size()
 
-    def to_host(self, dst: Tensor, src: Tensor) -> None:
-        """Copy device ``src`` into host ``dst`` and count the bytes."""
-        dst.copy_(src)
+    def to_host(self, dst: Tensor, src: Tensor, index: Tensor | None = None) -> None:
+        """Copy device ``src`` into host ``dst`` (at slots ``index`` of dim 1) and count it."""
+        self._copy(dst, src, index)
         self.traffic.d2h_bytes += src.numel() * src.element_size()
+
+    def _copy(self, dst: Tensor, src: Tensor, index: Tensor | None) -> None:
+        if index is None:
+            dst.copy_(src, non_blocking=self.is_cuda)
+        else:
+            dst.index_copy_(1, index.to(dst.device), src.to(dst.device, non_blocking=self.is_cuda))

@@ -13,15 +13,17 @@ import torch
 from torch import Tensor
 
 from gpu_kernels import prefill_attention
-from hetero.cache import KVStore
+from hetero.cache import OFFLOADED, KVStore
 from hetero.model import Transformer
-from hetero.policies import DecodeStep, Policy
+from hetero.policies import DecodeStep, Policy, exact_attention
 
 
 class Engine:
     def __init__(self, model: Transformer, store: KVStore, policy: Policy, prefill_chunk: int):
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if prefill_chunk < store.page_size or prefill_chunk % store.page_size:
+            raise ValueError(
+                f"prefill_chunk ({prefill_chunk}) must be a multiple of page_size ({store.page_size})"
+            )
         self.model, self.store, self.policy = model, store, policy
         self.prefill_chunk = prefill_chunk
         self.scale = model.cfg.head_dim**-0.5
@@ -42,24 +44,34 @@ class Engine:
         """
         store, model = self.store, self.model
         table = store.tables[seq_id]
-        block_tables = store.block_tables([seq_id])[:, 0]  # [L, P]
         logits = []
         for start in range(0, len(token_ids), self.prefill_chunk):
             chunk = token_ids[start : start + self.prefill_chunk]
             n = len(chunk)
+            store.reserve(seq_id, start + n)
             slots = store.slots(seq_id, start, n)
+            block_tables = store.block_tables([seq_id])[:, 0]  # [L, P]
+            offloaded = [OFFLOADED in pages for pages in table.layers]
 
             def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 store.write(slots[layer], k, v)
-                out, _ = prefill_attention(
-                    q, store.k, store.v, block_tables[layer], start, self.scale, store.page_size
-                )
+                if offloaded[layer]:
+                    out, _ = exact_attention(
+                        store, layer, seq_id, q, start, self.scale,
+                        self.policy.cache_pages(model.cfg, store.page_size),
+                    )
+                else:
+                    out, _ = prefill_attention(
+                        q, store.k, store.v, block_tables[layer], start, self.scale,
+                        store.page_size,
+                    )
                 return out
 
             tokens = torch.tensor(chunk, device=self.device)
             positions = torch.arange(start, start + n, device=self.device)
             hidden = model(tokens, positions, attend)
             table.n_tokens = start + n
+            self._evict(seq_id)
             if all_logits:
                 logits.append(model.logits(hidden))
             elif start + n == len(token_ids):
@@ -73,12 +85,13 @@ class Engine:
         """Feed one token per sequence; returns logits [B, vocab] (float32)."""
         store, cfg = self.store, self.model.cfg
         positions = [store.tables[s].n_tokens for s in seq_ids]
+        for s, p in zip(seq_ids, positions):
+            store.reserve(s, p + 1)
         slots = torch.cat([store.slots(s, p, 1) for s, p in zip(seq_ids, positions)], dim=1)
         b = len(seq_ids)
         step = DecodeStep(
             store=store,
             seq_ids=seq_ids,
-            block_tables=store.block_tables(seq_ids)[:, :, None, :].expand(-1, b, cfg.n_kv_heads, -1),
             kv_lens=torch.tensor(positions, dtype=torch.int32, device=self.device)[:, None]
             .add(1)
             .expand(b, cfg.n_kv_heads),
@@ -93,4 +106,17 @@ class Engine:
         hidden = self.model(tokens, torch.tensor(positions, device=self.device), attend)
         for s in seq_ids:
             store.tables[s].n_tokens += 1
+            self._evict(s)
         return self.model.logits(hidden)
+
+    def _evict(self, seq_id: int) -> None:
+        """Offload the pages of the sparse layers that left the local window."""
+        table, ps = self.store.tables[seq_id], self.store.page_size
+        if not table.offload:
+            return
+        first = max(table.settled, self.policy.sink_pages(ps))
+        stop = self.policy.first_local(table.n_tokens, ps)
+        if stop > first:
+            for layer in range(self.policy.dense_layers, self.model.cfg.n_layers):
+                self.store.offload(seq_id, layer, list(range(first, stop)))
+            table.settled = stop

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from hetero.cache import KVStore
-from hetero.device import Device, default_kv_budget, parse_size, resolve_device
+from hetero.cache import KVStore, OutOfPages
+from hetero.device import Device, default_kv_budget, format_size, parse_size, resolve_device
 from hetero.engine import Engine
 from hetero.loader import load_checkpoint
 from hetero.model import Transformer
@@ -49,7 +49,10 @@ class LLM:
     device : "auto" (CUDA if present, else CPU), "cpu" or "cuda".
     dtype : "float32", "bfloat16", "float16" or a torch dtype; None picks float32 on CPU and
         bfloat16 on CUDA.
-    policy : decode-attention policy name ("dense"); ``policy_params`` are its parameters.
+    policy : decode-attention policy: "dense" (exact; offloads and streams only when the KV
+        outgrows the budget), "streaming" (sinks + local window) or "quest" (page top-k);
+        ``policy_params`` are its parameters (``n_sink``, ``n_local``, ``dense_layers``,
+        ``token_budget`` for quest, ``stream_pages`` for dense).
     device_kv_budget : bytes (or "2GiB") of device memory for KV; None = a default share.
     page_size : tokens per KV page (a power of two).
     prefill_chunk : prompt tokens per prefill step.
@@ -135,9 +138,8 @@ class LLM:
         ids = self._encode(text, chat=False)
         if len(ids) < 2:
             raise ValueError("logprobs needs a text of at least two tokens")
-        seq = next(self._ids)
+        seq, _ = self._place(len(ids), 0)
         try:
-            self.store.reserve(seq, len(ids))
             logits = self.engine.prefill(seq, ids, all_logits=True)
         finally:
             self.store.release(seq)
@@ -196,21 +198,43 @@ class LLM:
         encoded = [self._encode(p, chat) for p in prompts]
         self.store.allocator.peak_used = self.store.allocator.n_used
         self._traffic0 = replace(self.device.traffic)
-        reqs = []
+        reqs, committed = [], 0
         try:
             for ids in encoded:
-                seq = next(self._ids)
                 cap = min(params.max_new_tokens, self.max_model_len - len(ids))
+                seq, need = self._place(len(ids) + cap, committed, len(reqs) + 1)
+                committed += need
                 reqs.append(
                     _Request(seq, ids, params, cap, Detokenizer(self.tokenizer, params.stop),
                              make_generator(params, self.device.device), time.perf_counter(), [])
                 )
-                self.store.reserve(seq, len(ids) + cap)
         except ValueError:
             for r in reqs:
                 self.store.release(r.seq_id)
             raise
         return reqs
+
+    def _place(self, n: int, committed: int, n_seqs: int = 1) -> tuple[int, int]:
+        """Admit a sequence of up to ``n`` tokens next to ``committed`` device pages already
+        promised; it offloads if its policy says so. Returns its id and the pages it may use."""
+        store, cfg, ps = self.store, self.config, self.store.page_size
+        full = cfg.n_layers * -(-n // ps)
+        offload = self.policy.offloads(committed + full <= store.allocator.n_free)
+        need = self.policy.device_pages(cfg, n, ps, self.engine.prefill_chunk) if offload else full
+        if committed + need > store.allocator.n_free:
+            raise OutOfPages(
+                f"device_kv_budget {format_size(store.budget)} cannot hold the "
+                f"{'resident set' if offload else 'KV'} of {n_seqs} sequence(s) of up to {n} "
+                f"tokens with policy {self.policy.name!r} "
+                f"({format_size((committed + need) * store.page_bytes)} needed, "
+                f"{format_size(store.allocator.n_free * store.page_bytes)} free): raise "
+                f"device_kv_budget, shorten the prompt or max_new_tokens, or send fewer prompts"
+            )
+        seq = next(self._ids)
+        store.admit(seq, n, offload)
+        if not offload:
+            store.reserve(seq, n)
+        return seq, need
 
     def _run(self, reqs: list[_Request], progress: bool) -> Iterator[None]:
         """Prefill every request, then decode the live ones together; yields per token."""

@@ -10,6 +10,7 @@ view.
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 OFFLOADED = -1
@@ -67,16 +68,28 @@ class PageAllocator:
 @dataclass(slots=True)
 class SeqPages:
     """Page tables of one sequence: ``layers[l][i]`` is the device page holding tokens
-    ``i*page_size ..`` of layer ``l``, or :data:`OFFLOADED`. ``n_tokens`` are written."""
+    ``i*page_size ..`` of layer ``l``, or :data:`OFFLOADED`. ``n_tokens`` are written.
+
+    With ``offload``, pages outside the resident set go to the host tier; the device keeps
+    their key metadata in ``meta[l]`` pages (slot ``j`` of meta page ``m`` describes page
+    ``m*page_size + j``) and fetched copies in the per-layer LRU ``cache[l]``
+    (page index -> device page).
+    """
 
     page_size: int
     n_layers: int
+    offload: bool = False
     layers: list[list[int]] = field(default_factory=list)
+    meta: list[list[int]] = field(default_factory=list)
+    cache: list[OrderedDict] = field(default_factory=list)
     n_tokens: int = 0
+    settled: int = 0  # pages before this one are offloaded or stay for good (sinks)
 
     def __post_init__(self):
         if not self.layers:
             self.layers = [[] for _ in range(self.n_layers)]
+            self.meta = [[] for _ in range(self.n_layers)]
+            self.cache = [OrderedDict() for _ in range(self.n_layers)]
 
     @property
     def n_pages(self) -> int:
@@ -87,4 +100,6 @@ class SeqPages:
         return max(0, -(-n_tokens // self.page_size) - self.n_pages)
 
     def on_device(self) -> list[int]:
-        return [p for pages in self.layers for p in pages if p != OFFLOADED]
+        """Every device page the sequence holds: KV, metadata and cached copies."""
+        kv = [p for pages in self.layers for p in pages if p != OFFLOADED]
+        return kv + [p for m in self.meta for p in m] + [p for c in self.cache for p in c.values()]

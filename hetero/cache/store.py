@@ -26,6 +26,8 @@ class MemoryReport:
     host_kv_bytes: int
     h2d_bytes: int
     d2h_bytes: int
+    cache_hits: int
+    cache_misses: int
 
 
 class KVStore:
@@ -53,12 +55,13 @@ class KVStore:
         self.v = device.empty(shape, dtype)
         self.tables: dict[int, SeqPages] = {}
         self.host: dict[int, tuple[Tensor, Tensor]] = {}
+        self.cache_hits = self.cache_misses = 0
 
     # -- sequences -----------------------------------------------------------------------
 
     def reserve(self, seq_id: int, n_tokens: int) -> SeqPages:
         """Make room on the device for ``n_tokens`` tokens of ``seq_id`` in every layer."""
-        table = self.tables.setdefault(seq_id, SeqPages(self.page_size, self.cfg.n_layers))
+        table = self.tables.get(seq_id) or self.admit(seq_id, n_tokens, offload=False)
         need = table.pages_for(n_tokens)
         if need == 0:
             return table
@@ -105,50 +108,83 @@ class KVStore:
 
     # -- host tier -----------------------------------------------------------------------
 
+    def admit(self, seq_id: int, max_tokens: int, offload: bool) -> SeqPages:
+        """Start a sequence of at most ``max_tokens`` tokens; with ``offload`` its host tier
+        is allocated up front (pages outside the resident set will live there)."""
+        assert seq_id not in self.tables, f"sequence {seq_id} admitted twice"
+        table = self.tables[seq_id] = SeqPages(self.page_size, self.cfg.n_layers, offload)
+        if offload:
+            cfg = self.cfg
+            shape = (cfg.n_layers, cfg.n_kv_heads, max_tokens, cfg.head_dim)
+            self.host[seq_id] = (
+                self.device.host_empty(shape, self.dtype), self.device.host_empty(shape, self.dtype)
+            )
+        return table
+
     def offload(self, seq_id: int, layer: int, page_idx: list[int]) -> None:
-        """Move pages ``page_idx`` of one layer of ``seq_id`` to the host tier."""
-        table = self.tables[seq_id]
-        hk, hv = self._host_buffers(seq_id, table.n_pages * self.page_size)
+        """Move full pages ``page_idx`` of one layer to the host tier, keeping their key
+        metadata (per-channel min and max per KV head) on the device."""
+        if not page_idx:
+            return
+        table, ps = self.tables[seq_id], self.page_size
         pages = table.layers[layer]
-        freed = []
-        for i in page_idx:
-            assert pages[i] != OFFLOADED, f"page {i} of sequence {seq_id} is not on the device"
-            dev, host = self._page_slice(pages[i]), self._page_slice(i)
-            self.device.to_host(hk[layer, :, host], self.k[:, dev])
-            self.device.to_host(hv[layer, :, host], self.v[:, dev])
-            freed.append(pages[i])
-            pages[i] = OFFLOADED
-        self.allocator.free(freed)
-
-    def fetch(self, seq_id: int, layer: int, page_idx: list[int]) -> None:
-        """Bring pages ``page_idx`` of one layer of ``seq_id`` back from the host tier."""
-        pages = self.tables[seq_id].layers[layer]
+        assert all(pages[i] != OFFLOADED for i in page_idx), "offloading a page twice"
+        src = self._slots_of([pages[i] for i in page_idx])
+        dst = self._slots_of(page_idx)
         hk, hv = self.host[seq_id]
-        for i, page in zip(page_idx, self.allocator.allocate(len(page_idx))):
-            assert pages[i] == OFFLOADED, f"page {i} of sequence {seq_id} is already on the device"
-            dev, host = self._page_slice(page), self._page_slice(i)
-            self.device.to_device(self.k[:, dev], hk[layer, :, host])
-            self.device.to_device(self.v[:, dev], hv[layer, :, host])
-            pages[i] = page
+        k = self.k.index_select(1, src)  # [Hkv, n*ps, D]
+        self.device.to_host(hk[layer], k, index=dst)
+        self.device.to_host(hv[layer], self.v.index_select(1, src), index=dst)
+        need = -(-(max(page_idx) + 1) // ps) - len(table.meta[layer])
+        if need > 0:
+            table.meta[layer] += self.allocator.allocate(need)
+        meta = torch.tensor([table.meta[layer][i // ps] * ps + i % ps for i in page_idx])
+        k = k.view(k.shape[0], len(page_idx), ps, k.shape[2])
+        self.k.index_copy_(1, meta.to(self.k.device), k.amin(dim=2))
+        self.v.index_copy_(1, meta.to(self.k.device), k.amax(dim=2))
+        self.allocator.free([pages[i] for i in page_idx])
+        for i in page_idx:
+            pages[i] = OFFLOADED
 
-    def _page_slice(self, page: int) -> slice:
-        return slice(page * self.page_size, (page + 1) * self.page_size)
+    def key_bounds(self, seq_id: int, layer: int) -> tuple[Tensor, Tensor]:
+        """Per-page key min and max [Hkv, n_pages, D] of one layer (meaningful for
+        offloaded pages only)."""
+        table, ps = self.tables[seq_id], self.page_size
+        meta = table.meta[layer]
+        n = min(table.n_pages, len(meta) * ps)
+        slots = torch.tensor([meta[i // ps] * ps + i % ps for i in range(n)], device=self.k.device)
+        return self.k.index_select(1, slots), self.v.index_select(1, slots)
 
-    def _host_buffers(self, seq_id: int, n_tokens: int) -> tuple[Tensor, Tensor]:
-        """The host tier of ``seq_id`` [L, Hkv, capacity, D], grown (doubling) to ``n_tokens``."""
-        cur = self.host.get(seq_id)
-        if cur is not None and cur[0].shape[2] >= n_tokens:
-            return cur
-        cap = max(n_tokens, 2 * cur[0].shape[2] if cur else 0)
-        cfg = self.cfg
-        shape = (cfg.n_layers, cfg.n_kv_heads, cap, cfg.head_dim)
-        new = self.device.host_empty(shape, self.dtype), self.device.host_empty(shape, self.dtype)
-        if cur is not None:
-            n = cur[0].shape[2]
-            new[0][:, :, :n].copy_(cur[0])
-            new[1][:, :, :n].copy_(cur[1])
-        self.host[seq_id] = new
-        return new
+    def fetch(self, seq_id: int, layer: int, page_idx: list[int], capacity: int) -> list[int]:
+        """Device pages holding offloaded pages ``page_idx`` of one layer, through the
+        sequence's LRU page cache of ``capacity`` pages for that layer (misses are copied
+        from the host tier and counted)."""
+        assert len(page_idx) <= capacity, "more pages requested than the page cache holds"
+        table = self.tables[seq_id]
+        cache = table.cache[layer]
+        wanted = set(page_idx)
+        missing = [i for i in page_idx if i not in cache]
+        self.cache_hits += len(page_idx) - len(missing)
+        self.cache_misses += len(missing)
+        for i in page_idx:
+            if i in cache:
+                cache.move_to_end(i)
+        n_new = max(0, len(cache) + len(missing) - capacity)
+        victims = [i for i in cache if i not in wanted][:n_new]
+        reuse = [cache.pop(i) for i in victims]
+        pages = reuse + self.allocator.allocate(len(missing) - len(reuse))
+        if missing:
+            hk, hv = self.host[seq_id]
+            src, dst = self._slots_of(missing), self._slots_of(pages)
+            self.device.to_device(self.k, hk[layer].index_select(1, src), index=dst)
+            self.device.to_device(self.v, hv[layer].index_select(1, src), index=dst)
+            cache.update(zip(missing, pages))
+        return [cache[i] for i in page_idx]
+
+    def _slots_of(self, pages: list[int]) -> Tensor:
+        """Slots [len(pages) * page_size] (int64) of whole pages, in order."""
+        ps = self.page_size
+        return (torch.tensor(pages)[:, None] * ps + torch.arange(ps)).flatten()
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -161,4 +197,6 @@ class KVStore:
             host_kv_bytes=sum(k.numel() * k.element_size() * 2 for k, _ in self.host.values()),
             h2d_bytes=t.h2d_bytes,
             d2h_bytes=t.d2h_bytes,
+            cache_hits=self.cache_hits,
+            cache_misses=self.cache_misses,
         )

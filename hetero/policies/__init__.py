@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from hetero.policies.base import DecodeStep, Policy
+from hetero.policies.base import DecodeStep, Policy, pack_tables
 from hetero.policies.dense import DensePolicy
+from hetero.policies.exact import exact_attention
+from hetero.policies.quest import QuestPolicy
+from hetero.policies.streaming import StreamingPolicy
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (DensePolicy,)}
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (DensePolicy, StreamingPolicy, QuestPolicy)
+}
 
 
 def make_policy(name: str, **params) -> Policy:
@@ -17,4 +22,7 @@ def make_policy(name: str, **params) -> Policy:
         raise ValueError(f"policy {name!r}: {e}") from None
 
 
-__all__ = ["POLICIES", "DecodeStep", "DensePolicy", "Policy", "make_policy"]
+__all__ = [
+    "POLICIES", "DecodeStep", "DensePolicy", "Policy", "QuestPolicy", "StreamingPolicy",
+    "exact_attention", "make_policy", "pack_tables",
+]

@@ -1,35 +1,131 @@
-"""What a decode-attention policy sees and must return."""
+"""What a decode-attention policy decides, and the per-step metadata it reads.
+
+A policy says which pages of a sequence stay on the device when the sequence offloads
+(sinks, local window, and for its ``dense_layers`` everything), how many fetched pages its
+page cache holds per layer, and computes decode attention for one layer of a batch.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
-from hetero.cache import KVStore
+from hetero.cache import KVStore, SeqPages
+from hetero.config import ModelConfig
 
 
 @dataclass(slots=True)
 class DecodeStep:
     """Per-step metadata shared by every layer of one decode step (built once per step).
 
-    ``block_tables`` [L, B, Hkv, P] int32 device page ids (-1 pads); ``kv_lens`` [B, Hkv]
-    int32 tokens held in those pages, the new token included.
+    ``kv_lens`` [B, Hkv] int32 tokens of each sequence, the new token included.
     """
 
     store: KVStore
     seq_ids: list[int]
-    block_tables: Tensor
     kv_lens: Tensor
     scale: float
+    _tables: Tensor | None = None
+
+    @property
+    def block_tables(self) -> Tensor:
+        """[L, B, Hkv, P] int32 device pages of every layer (-1: offloaded or padding),
+        built on first use."""
+        if self._tables is None:
+            b, hkv = self.kv_lens.shape
+            self._tables = self.store.block_tables(self.seq_ids)[:, :, None, :].expand(-1, b, hkv, -1)
+        return self._tables
 
 
-class Policy:
-    """Decides, per layer and step, which KV takes part in decode attention and where."""
+@dataclass(slots=True)
+class Policy(ABC):
+    """Base of every policy: the resident set is ``n_sink`` first and ``n_local`` last
+    tokens (page-aligned), plus every page of the first ``dense_layers`` layers; exact
+    attention streams offloaded pages through the page cache ``stream_pages`` at a time."""
 
     name: ClassVar[str]
+    n_sink: int = 4
+    n_local: int = 64
+    dense_layers: int = 0
+    stream_pages: int = 64
 
+    def __post_init__(self):
+        for field in ("n_sink", "n_local", "dense_layers", "stream_pages"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+                raise ValueError(f"{self.name}: {field} must be an integer >= 0")
+        if self.n_local < 1:
+            raise ValueError(f"{self.name}: n_local must be >= 1 (the new token's page is local)")
+        if self.stream_pages < 1:
+            raise ValueError(f"{self.name}: stream_pages must be >= 1")
+
+    # -- tiering -------------------------------------------------------------------------
+
+    def offloads(self, fits: bool) -> bool:
+        """Whether a sequence keeps only its resident set on the device; ``fits`` tells
+        whether its whole KV fits the free device budget."""
+        return True
+
+    def cache_pages(self, cfg: ModelConfig, page_size: int) -> int:
+        """Pages of fetched (offloaded) KV the page cache holds per layer and sequence; exact
+        prefill streams offloaded pages through it."""
+        return self.stream_pages
+
+    def sink_pages(self, page_size: int) -> int:
+        """Leading pages that hold the attention sinks."""
+        return -(-self.n_sink // page_size)
+
+    def first_local(self, n_tokens: int, page_size: int) -> int:
+        """First page of the local window; pages between the sinks and it are offloaded."""
+        return max(self.sink_pages(page_size), (n_tokens - self.n_local) // page_size)
+
+    def resident(self, layer: int, n_tokens: int, page_size: int) -> list[int]:
+        """Page indices of one layer that stay on the device for a sequence of ``n_tokens``,
+        in token order."""
+        n_pages = -(-n_tokens // page_size)
+        if layer < self.dense_layers:
+            return list(range(n_pages))
+        n_sink = min(n_pages, self.sink_pages(page_size))
+        return [*range(n_sink), *range(self.first_local(n_tokens, page_size), n_pages)]
+
+    def device_pages(self, cfg: ModelConfig, n_tokens: int, page_size: int, chunk: int) -> int:
+        """Most device pages one offloading sequence of ``n_tokens`` holds at any time."""
+        n_pages = -(-n_tokens // page_size)
+        sparse = (
+            -(-self.n_sink // page_size) + self.n_local // page_size + 2  # sinks, window
+            + chunk // page_size  # a prefill chunk before it is offloaded
+            + self.cache_pages(cfg, page_size)
+            + -(-n_pages // page_size)  # key metadata: one slot per page
+        )
+        n_dense = min(self.dense_layers, cfg.n_layers)
+        return n_dense * n_pages + (cfg.n_layers - n_dense) * min(sparse, n_pages + 1)
+
+    # -- attention -----------------------------------------------------------------------
+
+    @abstractmethod
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         """Attention output [B, Hq, D] for queries ``q`` [B, Hq, D] of one layer."""
-        raise NotImplementedError  # abstract
+
+    def resident_pages(self, table: SeqPages, layer: int) -> list[int]:
+        """Device pages of the resident set of one layer, in token order."""
+        pages = table.layers[layer]
+        return [pages[i] for i in self.resident(layer, table.n_tokens, table.page_size)]
+
+
+def pack_tables(
+    rows: list[list[list[int]]], n_tokens: list[int], page_size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Block tables [B, Hkv, P] (int32, -1 pads) and kv_lens [B, Hkv] from per-sequence,
+    per-KV-head page lists whose last page is the sequence's last (partial) page."""
+    width = max(len(r) for heads in rows for r in heads)
+    table = torch.full((len(rows), len(rows[0]), width), -1, dtype=torch.int32)
+    lens = torch.empty(len(rows), len(rows[0]), dtype=torch.int32)
+    for b, heads in enumerate(rows):
+        last = n_tokens[b] - (n_tokens[b] - 1) // page_size * page_size  # tokens in last page
+        for h, r in enumerate(heads):
+            table[b, h, : len(r)] = torch.tensor(r, dtype=torch.int32)
+            lens[b, h] = (len(r) - 1) * page_size + last
+    return table.to(device), lens.to(device)

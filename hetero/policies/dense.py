@@ -1,23 +1,37 @@
-"""Exact attention over every token of the sequence."""
+"""Exact attention over every token. When the whole KV fits the device budget nothing moves;
+otherwise pages outside the sinks and local window go to the host and are streamed back
+through the page cache each step (``stream_pages`` at a time), merged by LSE."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from gpu_kernels import paged_decode_attention
 from hetero.policies.base import DecodeStep, Policy
+from hetero.policies.exact import exact_attention
 
 
 @dataclass(slots=True)
 class DensePolicy(Policy):
     name = "dense"
 
+    def offloads(self, fits: bool) -> bool:
+        return not fits
+
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         store = step.store
-        out, _ = paged_decode_attention(
-            q, store.k, store.v, step.block_tables[layer], step.kv_lens, step.scale,
-            store.page_size,
-        )
-        return out
+        if not any(store.tables[s].offload for s in step.seq_ids):
+            out, _ = paged_decode_attention(
+                q, store.k, store.v, step.block_tables[layer], step.kv_lens, step.scale,
+                store.page_size,
+            )
+            return out
+        rows = []
+        for b, s in enumerate(step.seq_ids):
+            n = store.tables[s].n_tokens  # the new token included
+            rows.append(exact_attention(store, layer, s, q[b : b + 1], n - 1, step.scale,
+                                        self.stream_pages)[0])
+        return torch.cat(rows)

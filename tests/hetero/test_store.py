@@ -14,7 +14,8 @@ def _store(pages=8, page_size=4):
     return KVStore(CFG, Device(torch.device("cpu")), torch.float32, page_size, pages * PAGE_BYTES)
 
 
-def _fill(store, seq, n):
+def _fill(store, seq, n, offload=True):
+    store.admit(seq, n, offload)
     store.reserve(seq, n)
     slots = store.slots(seq, 0, n)
     for layer in range(CFG.n_layers):
@@ -23,38 +24,51 @@ def _fill(store, seq, n):
     store.tables[seq].n_tokens = n
 
 
-def _read(store, seq, n):
-    """K of every layer [L, n, Hkv, D] by position, from wherever each page lives."""
+def _kv(store, seq):
+    """K of every layer [L, Hkv, n, D] by position, read from the device pages."""
     table, ps = store.tables[seq], store.page_size
-    out = torch.empty(CFG.n_layers, n, 2, 4)
-    for layer in range(CFG.n_layers):
-        for pos in range(n):
-            page = table.layers[layer][pos // ps]
-            if page >= 0:
-                out[layer, pos] = store.k[:, page * ps + pos % ps]
-            else:
-                out[layer, pos] = store.host[seq][0][layer, :, pos]
-    return out
+    slots = torch.tensor([[p * ps + i for p in pages for i in range(ps)] for pages in table.layers])
+    return torch.stack([store.k[:, s] for s in slots])
 
 
-def test_offload_and_fetch_round_trip_and_count_bytes():
-    store = _store()
-    _fill(store, 0, 14)  # 4 pages per layer, the last one partial
-    before = _read(store, 0, 14)
+def test_offload_keeps_key_bounds_and_fetch_goes_through_an_lru_cache():
+    store = _store(pages=16)
+    _fill(store, 0, 16)  # 4 full pages per layer
+    kv = _kv(store, 0)
     store.offload(0, 1, [1, 2])
-    assert store.tables[0].layers[1] == [4, -1, -1, 7] and store.tables[0].layers[0] == [0, 1, 2, 3]
-    assert store.allocator.n_used == 6
+    table = store.tables[0]
+    assert table.layers[1][1:3] == [-1, -1] and -1 not in table.layers[0]
+    assert len(table.meta[1]) == 1  # one metadata page describes up to page_size pages
     rep = store.memory_report()
     assert rep.d2h_bytes == 2 * PAGE_BYTES and rep.h2d_bytes == 0
-    assert rep.host_kv_bytes >= 2 * PAGE_BYTES
-    assert torch.equal(_read(store, 0, 14), before)
-    store.fetch(0, 1, [2, 1])
-    assert all(p >= 0 for p in store.tables[0].layers[1])
+    assert rep.host_kv_bytes == 2 * CFG.n_layers * 2 * 16 * 4 * 4  # K, V for 16 tokens
+    assert store.allocator.n_used == 8 - 2 + 1
+    host_k = store.host[0][0]
+    assert torch.equal(host_k[1, :, 4:12], kv[1, :, 4:12])
+    kmin, kmax = store.key_bounds(0, 1)
+    pages_k = kv[1].view(2, 4, 4, 4)  # [Hkv, page, token, D]
+    assert torch.equal(kmin[:, 1:3], pages_k[:, 1:3].amin(2))
+    assert torch.equal(kmax[:, 1:3], pages_k[:, 1:3].amax(2))
+
+    dev = store.fetch(0, 1, [2, 1], capacity=2)  # two misses
+    assert torch.equal(store.k[:, dev[0] * 4 : dev[0] * 4 + 4], kv[1, :, 8:12])
+    assert torch.equal(store.v[:, dev[1] * 4 : dev[1] * 4 + 4], kv[1, :, 4:8] + 100)
     assert store.memory_report().h2d_bytes == 2 * PAGE_BYTES
-    assert torch.equal(_read(store, 0, 14), before)
-    # V went along with K
-    page = store.tables[0].layers[1][1]
-    assert torch.equal(store.v[:, page * 4], store.k[:, page * 4] + 100)
+    assert store.fetch(0, 1, [1], capacity=2) == [dev[1]]  # a hit moves nothing
+    assert (store.cache_hits, store.cache_misses) == (1, 2)
+    assert store.memory_report().h2d_bytes == 2 * PAGE_BYTES
+    store.release(0)
+    assert store.allocator.n_used == 0
+
+
+def test_fetch_evicts_the_least_recently_used_page():
+    store = _store(pages=16)
+    _fill(store, 0, 16)
+    store.offload(0, 0, [0, 1, 2])
+    a, b = store.fetch(0, 0, [0, 1], capacity=2)
+    store.fetch(0, 0, [0], capacity=2)  # page 1 is now the least recently used
+    (c,) = store.fetch(0, 0, [2], capacity=2)
+    assert c == b and list(store.tables[0].cache[0]) == [0, 2]
 
 
 def test_slots_follow_each_layers_pages():

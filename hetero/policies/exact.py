@@ -1,0 +1,66 @@
+"""Exact attention over a sequence's KV wherever it lives: resident pages are read in
+place, offloaded pages are streamed through the device page cache in batches that fit it.
+
+Used by prefill chunks of offloading sequences and by the dense policy once a sequence
+has offloaded. Every batch yields an ``(out, lse)`` partial; the partials merge exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gpu_kernels import merge_partials, paged_decode_attention, prefill_attention
+from hetero.cache import OFFLOADED, KVStore
+
+
+def exact_attention(
+    store: KVStore, layer: int, seq_id: int, q: Tensor, start: int, scale: float, batch_pages: int
+) -> tuple[Tensor, Tensor]:
+    """Attention of ``q`` [C, Hq, D] at positions ``start..start+C-1`` over positions
+    ``0..start+C-1`` of one layer of ``seq_id`` (causal).
+
+    A chunk (C > 1) must start on a page boundary and have its pages on the device; a
+    single query (decode) sees every key up to itself. ``batch_pages`` offloaded pages are
+    fetched at a time. Returns out [C, Hq, D] (q.dtype), lse [C, Hq] float32.
+    """
+    table, ps = store.tables[seq_id], store.page_size
+    pages = table.layers[layer]
+    c = q.shape[0]
+    partials = []
+    if c > 1:  # the chunk over itself, causal
+        assert start % ps == 0, "prefill chunks start on a page boundary"
+        own = torch.tensor(pages[start // ps : -(-(start + c) // ps)], dtype=torch.int32)
+        partials.append(prefill_attention(q, store.k, store.v, own.to(q.device), 0, scale, ps))
+        n_prior = start
+    else:  # decode: every key, the new one included, without a mask
+        n_prior = start + 1
+    if n_prior:
+        n_prior_pages = -(-n_prior // ps)
+        resident = [p for p in pages[:n_prior_pages] if p != OFFLOADED]
+        offloaded = [i for i in range(n_prior_pages) if pages[i] == OFFLOADED]
+        last = n_prior - (n_prior_pages - 1) * ps  # tokens in the last prior page
+        if resident:
+            # the last prior page, if partial, is resident (the local window) and listed last
+            partials.append(_unmasked(q, store, resident, (len(resident) - 1) * ps + last, scale))
+        for b in range(0, len(offloaded), batch_pages):
+            group = offloaded[b : b + batch_pages]
+            dev = store.fetch(seq_id, layer, group, batch_pages)
+            partials.append(_unmasked(q, store, dev, len(dev) * ps, scale))
+    return merge_partials(*partials)
+
+
+def _unmasked(q: Tensor, store: KVStore, pages: list[int], n_tokens: int, scale: float):
+    """Attention of every query of ``q`` [C, Hq, D] over ``n_tokens`` tokens of ``pages``.
+
+    The C queries of each KV head's group are folded into one decode row of C*G heads.
+    """
+    c, hq, d = q.shape
+    hkv = store.cfg.n_kv_heads
+    g = hq // hkv
+    folded = q.view(c, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv * c * g, d)
+    table = torch.tensor(pages, dtype=torch.int32, device=q.device).expand(1, hkv, -1)
+    lens = torch.full((1, hkv), n_tokens, dtype=torch.int32, device=q.device)
+    out, lse = paged_decode_attention(folded, store.k, store.v, table, lens, scale, store.page_size)
+    out = out.view(hkv, c, g, d).permute(1, 0, 2, 3).reshape(c, hq, d)
+    return out, lse.view(hkv, c, g).permute(1, 0, 2).reshape(c, hq)

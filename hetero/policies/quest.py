@@ -1,0 +1,71 @@
+"""Quest (page top-k): score offloaded pages by the upper bound of q·k from their key
+min/max, fetch each KV head's top pages into the page cache, attend over sinks + top
+pages + local window. ``token_budget`` counts every attended token; the first
+``dense_layers`` layers stay exact (Quest keeps two)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gpu_kernels import paged_decode_attention, quest_page_scores
+from hetero.cache import OFFLOADED
+from hetero.config import ModelConfig
+from hetero.policies.base import DecodeStep, Policy, pack_tables
+
+
+@dataclass(slots=True)
+class QuestPolicy(Policy):
+    name = "quest"
+    n_sink: int = 16
+    n_local: int = 64
+    dense_layers: int = 2
+    token_budget: int = 1024
+
+    def __post_init__(self):
+        Policy.__post_init__(self)
+        if self.token_budget < self.n_sink + self.n_local:
+            raise ValueError(
+                f"quest: token_budget {self.token_budget} is below n_sink + n_local "
+                f"({self.n_sink + self.n_local}): raise it or shrink the window"
+            )
+
+    def top_pages(self, page_size: int) -> int:
+        """Offloaded pages each KV head attends to (at least 3, as in Quest)."""
+        return max(3, (self.token_budget - self.n_sink - self.n_local) // page_size)
+
+    def cache_pages(self, cfg: ModelConfig, page_size: int) -> int:
+        # heads may pick disjoint pages; prefill streams through the same cache
+        return max(cfg.n_kv_heads * self.top_pages(page_size), Policy.cache_pages(self, cfg, page_size))
+
+    def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
+        store = step.store
+        ps, hkv = store.page_size, store.cfg.n_kv_heads
+        capacity = self.cache_pages(store.cfg, ps)
+        rows, n_tokens = [], []
+        for b, s in enumerate(step.seq_ids):
+            table = store.tables[s]
+            pages = table.layers[layer]
+            n_tokens.append(table.n_tokens)
+            resident = self.resident_pages(table, layer)
+            offloaded = [i for i, p in enumerate(pages) if p == OFFLOADED]
+            if not offloaded:
+                rows.append([resident] * hkv)
+                continue
+            kmin, kmax = store.key_bounds(s, layer)
+            scores = quest_page_scores(q[b], kmin, kmax)
+            candidate = torch.zeros(scores.shape[1], dtype=torch.bool)
+            candidate[offloaded] = True
+            scores = scores.masked_fill(~candidate.to(scores.device), float("-inf"))
+            top = scores.topk(min(self.top_pages(ps), len(offloaded)), dim=1).indices.sort(dim=1)
+            top = top.values.tolist()
+            wanted = sorted({i for head in top for i in head})
+            dev = dict(zip(wanted, store.fetch(s, layer, wanted, capacity)))
+            n_sink_pages = sum(1 for i in self.resident(layer, table.n_tokens, ps) if i < offloaded[0])
+            sinks, window = resident[:n_sink_pages], resident[n_sink_pages:]
+            rows.append([sinks + [dev[i] for i in head] + window for head in top])
+        bt, lens = pack_tables(rows, n_tokens, ps, q.device)
+        out, _ = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps)
+        return out

@@ -1,0 +1,95 @@
+"""Policies end to end on the tiny model: offloading must not change exact attention, and
+sparse policies that cover every page must equal dense."""
+
+import pytest
+import torch
+
+from hetero import LLM, SamplingParams
+from hetero.policies import POLICIES, make_policy
+
+TEXT = open("/usr/share/common-licenses/Apache-2.0").read()[:1500]
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+# 2 layers * 2 kv heads * 16 dims * 2 (K, V) * 4 bytes = 512 B per token
+KV_PER_TOKEN = 512
+
+
+def _llm(path, policy="dense", budget="8MiB", **params):
+    return LLM(path, device="cpu", page_size=4, prefill_chunk=32, policy=policy,
+               policy_params=params, device_kv_budget=budget)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    llm = _llm(tiny_model_dir)
+    ids = llm.tokenizer(TEXT)["input_ids"][:300]
+    return ids, llm.generate(ids, GREEDY)[0], llm.logprobs(TEXT)
+
+
+def test_dense_offloaded_equals_dense_in_place(tiny_model_dir, reference):
+    ids, ref, ref_lp = reference
+    budget = 200 * KV_PER_TOKEN  # two thirds of the KV: the sequence must offload
+    llm = _llm(tiny_model_dir, "dense", budget, n_sink=4, n_local=16, stream_pages=8)
+    (out,) = llm.generate(ids, GREEDY)
+    assert out.token_ids == ref.token_ids
+    s = out.stats
+    assert s.d2h_bytes > 0 and s.h2d_bytes > 0 and s.host_kv_bytes > 0
+    assert s.device_kv_bytes_peak <= budget
+    lp = llm.logprobs(TEXT)
+    torch.testing.assert_close(torch.tensor(lp.logprobs), torch.tensor(ref_lp.logprobs),
+                               atol=1e-4, rtol=1e-4)
+    assert llm.store.allocator.n_used == 0
+
+
+@pytest.mark.parametrize("policy, params", [
+    ("streaming", {"n_sink": 4, "n_local": 400}),
+    ("quest", {"n_sink": 4, "n_local": 16, "token_budget": 4096, "dense_layers": 1}),
+    ("quest", {"n_sink": 4, "n_local": 16, "token_budget": 4096, "dense_layers": 0}),
+])
+def test_sparse_policies_that_cover_everything_equal_dense(tiny_model_dir, reference, policy, params):
+    ids, ref, _ = reference
+    (out,) = _llm(tiny_model_dir, policy, **params).generate(ids, GREEDY)
+    assert out.token_ids == ref.token_ids
+
+
+@pytest.mark.parametrize("policy", ["streaming", "quest"])
+def test_sparse_policies_offload_and_stay_in_budget(tiny_model_dir, reference, policy):
+    ids, _, _ = reference
+    budget = 440 * KV_PER_TOKEN  # two sequences of 534 tokens in all
+    llm = _llm(tiny_model_dir, policy, budget, n_sink=4, n_local=16,
+               **({"token_budget": 64, "dense_layers": 0} if policy == "quest" else {}), stream_pages=8)
+    (out,) = llm.generate([ids, ids[:200]], GREEDY)[:1]
+    s = out.stats
+    assert len(out.token_ids) == 12 and s.device_kv_bytes_peak <= budget
+    assert s.d2h_bytes > 0 and s.host_kv_bytes > 0
+    full_kv = (len(ids) + 12 + 200 + 12) * KV_PER_TOKEN
+    if policy == "quest":
+        assert 0 < s.h2d_bytes
+        rep = llm.memory_report()
+        assert rep["cache_hits"] + rep["cache_misses"] > 0
+    assert llm.store.allocator.n_used == 0
+    assert s.device_kv_bytes_peak < full_kv
+
+
+def test_budget_below_the_resident_set_is_a_clear_error(tiny_model_dir):
+    llm = _llm(tiny_model_dir, "quest", 24 * 4 * KV_PER_TOKEN // 4, n_sink=4, n_local=16,
+               token_budget=64)
+    with pytest.raises(ValueError, match="cannot hold the resident set"):
+        llm.generate("word " * 200, GREEDY)
+    assert not llm.store.tables and llm.store.allocator.n_used == 0
+
+
+@pytest.mark.parametrize("name, params, match", [
+    ("quest", {"token_budget": 10, "n_sink": 4, "n_local": 16}, "token_budget"),
+    ("streaming", {"n_local": 0}, "n_local"),
+    ("dense", {"stream_pages": 0}, "stream_pages"),
+    ("quest", {"n_sink": -1}, "n_sink"),
+    ("dense", {"token_budget": 5}, "token_budget"),
+])
+def test_bad_policy_parameters(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        make_policy(name, **params)
+
+
+def test_every_policy_is_registered_by_its_name():
+    assert set(POLICIES) == {"dense", "streaming", "quest"}
+    assert all(cls.name == name for name, cls in POLICIES.items())
