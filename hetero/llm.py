@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -100,7 +100,8 @@ class LLM:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self._ids = itertools.count()
-        self._traffic0 = replace(self.device.traffic)
+        self._snap_start = self._snap_decode = self._snapshot()
+        self._decoded = 0
 
     # -- public API ----------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ class LLM:
             raise ValueError("no prompts given")
         encoded = [self._encode(p, chat) for p in prompts]
         self.store.allocator.peak_used = self.store.allocator.n_used
-        self._traffic0 = replace(self.device.traffic)
+        self._snap_start = self._snapshot()
         reqs, committed = [], 0
         try:
             for ids in encoded:
@@ -250,8 +251,10 @@ class LLM:
                 yield
             if bar is not None:
                 bar.close()
+            self._snap_decode, self._decoded = self._snapshot(), 0
             live = [r for r in reqs if r.finish_reason is None]
             while live:
+                self._decoded += len(live)
                 logits = self.engine.decode([r.seq_id for r in live], [r.output_ids[-1] for r in live])
                 for r, row in zip(live, logits):
                     self._accept(r, sample(row, r.params, r.generator))
@@ -280,9 +283,16 @@ class LLM:
         if r.finish_reason is not None:
             r.t_end = time.perf_counter()
 
+    def _snapshot(self) -> tuple[int, int, int, int]:
+        t, st = self.device.traffic, self.store
+        return t.h2d_bytes, t.d2h_bytes, st.cache_hits, st.cache_misses
+
     def _finish(self, r: _Request) -> Output:
         mem = self.store.memory_report()
         self.store.release(r.seq_id)
+        now = self._snapshot()
+        h2d, d2h, hits, misses = (a - b for a, b in zip(now, self._snap_start))
+        h2d_dec, d2h_dec = (a - b for a, b in zip(now[:2], self._snap_decode[:2]))
         n = len(r.output_ids)
         decode_s = r.t_end - r.t_first
         stats = RequestStats(
@@ -293,8 +303,11 @@ class LLM:
             device_kv_bytes_peak=mem.device_kv_bytes_peak,
             device_kv_budget=mem.device_kv_budget,
             host_kv_bytes=mem.host_kv_bytes,
-            h2d_bytes=mem.h2d_bytes - self._traffic0.h2d_bytes,
-            d2h_bytes=mem.d2h_bytes - self._traffic0.d2h_bytes,
+            h2d_bytes=h2d,
+            d2h_bytes=d2h,
+            h2d_bytes_per_token=h2d_dec / max(self._decoded, 1),
+            d2h_bytes_per_token=d2h_dec / max(self._decoded, 1),
+            cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
         )
         return Output(r.detok.text, r.output_ids, r.finish_reason, stats)
 

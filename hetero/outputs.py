@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass
 
 @dataclass(slots=True)
 class RequestStats:
+    """Figures of one request. Traffic and cache figures cover the whole ``generate`` call
+    (a batch shares them); ``*_per_token`` divide the decode phase's traffic by the tokens
+    the batch decoded."""
+
     prompt_tokens: int
     generated_tokens: int
     ttft_s: float
@@ -16,6 +20,9 @@ class RequestStats:
     host_kv_bytes: int
     h2d_bytes: int
     d2h_bytes: int
+    h2d_bytes_per_token: float
+    d2h_bytes_per_token: float
+    cache_hit_rate: float
 
 
 @dataclass(slots=True)

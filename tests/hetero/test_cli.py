@@ -5,7 +5,8 @@ import pytest
 from hetero.cli import main
 
 STATS = {"prompt_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s",
-         "device_kv_bytes_peak", "device_kv_budget", "host_kv_bytes", "h2d_bytes", "d2h_bytes"}
+         "device_kv_bytes_peak", "device_kv_budget", "host_kv_bytes", "h2d_bytes", "d2h_bytes",
+         "h2d_bytes_per_token", "d2h_bytes_per_token", "cache_hit_rate"}
 
 
 def test_generate_json_is_one_object_on_stdout(tiny_model_dir, tmp_path, capsys):
@@ -46,6 +47,20 @@ def test_errors_are_one_line_and_nonzero(tiny_model_dir, capsys, argv, match):
     assert code == 2
     assert err[-1].startswith("hetero: error:") and match in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_quest_flags_reach_the_policy(tiny_model_dir, capsys):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 20
+    code = main(["generate", "--model", tiny_model_dir, "--prompt", prompt, "--policy", "quest",
+                 "--token-budget", "64", "--n-sink", "4", "--n-local", "16", "--dense-layers", "0",
+                 "--page-size", "8", "--prefill-chunk", "64", "--max-new-tokens", "4", "--json"])
+    assert code == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["d2h_bytes"] > 0 and stats["h2d_bytes_per_token"] > 0
+    assert 0 <= stats["cache_hit_rate"] <= 1
+    assert main(["generate", "--model", tiny_model_dir, "--prompt", "x", "--policy", "quest",
+                 "--token-budget", "8"]) == 2
+    assert "token_budget" in capsys.readouterr().err
 
 
 def test_missing_model_path(capsys):
