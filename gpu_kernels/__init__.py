@@ -1,0 +1,11 @@
+"""Attention kernels for the device: Triton on CUDA, fast torch paths on CPU.
+
+Every op returns ``(out, lse)`` partials that combine exactly with ``merge_partials``.
+"""
+
+from .decode import paged_decode_attention
+from .merge import merge_partials
+from .prefill import prefill_attention
+from .quest import quest_page_scores
+
+__all__ = ["merge_partials", "paged_decode_attention", "prefill_attention", "quest_page_scores"]
