@@ -7,5 +7,7 @@ from .decode import paged_decode_attention
 from .merge import merge_partials
 from .prefill import prefill_attention
 from .quest import quest_page_scores
+from .simhash import simhash_codes
 
 __all__ = ["merge_partials", "paged_decode_attention", "prefill_attention", "quest_page_scores"]
+__all__ += ["simhash_codes"]
