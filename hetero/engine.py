@@ -58,7 +58,7 @@ class Engine:
                 if offloaded[layer]:
                     out, _ = exact_attention(
                         store, layer, seq_id, q, start, self.scale,
-                        self.policy.cache_pages(model.cfg, store.page_size),
+                        self.policy.stream_pages,
                     )
                 else:
                     out, _ = prefill_attention(

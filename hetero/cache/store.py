@@ -181,6 +181,12 @@ class KVStore:
             cache.update(zip(missing, pages))
         return [cache[i] for i in page_idx]
 
+    def drop_cache(self, seq_id: int, layer: int) -> None:
+        """Free the page cache of one layer of ``seq_id`` (the host tier keeps the KV)."""
+        cache = self.tables[seq_id].cache[layer]
+        self.allocator.free(list(cache.values()))
+        cache.clear()
+
     def _slots_of(self, pages: list[int]) -> Tensor:
         """Slots [len(pages) * page_size] (int64) of whole pages, in order."""
         ps = self.page_size

@@ -70,9 +70,8 @@ class Policy(ABC):
         return True
 
     def cache_pages(self, cfg: ModelConfig, page_size: int) -> int:
-        """Pages of fetched (offloaded) KV the page cache holds per layer and sequence; exact
-        prefill streams offloaded pages through it."""
-        return self.stream_pages
+        """Pages of fetched (offloaded) KV a layer's page cache keeps between decode steps."""
+        return 0
 
     def sink_pages(self, page_size: int) -> int:
         """Leading pages that hold the attention sinks."""
@@ -101,7 +100,8 @@ class Policy(ABC):
             + -(-n_pages // page_size)  # key metadata: one slot per page
         )
         n_dense = min(self.dense_layers, cfg.n_layers)
-        return n_dense * n_pages + (cfg.n_layers - n_dense) * min(sparse, n_pages + 1)
+        staging = self.stream_pages  # exact attention streams one layer at a time
+        return n_dense * n_pages + (cfg.n_layers - n_dense) * min(sparse, n_pages + 1) + staging
 
     # -- attention -----------------------------------------------------------------------
 

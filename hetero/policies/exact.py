@@ -1,5 +1,6 @@
 """Exact attention over a sequence's KV wherever it lives: resident pages are read in
-place, offloaded pages are streamed through the device page cache in batches that fit it.
+place, offloaded pages are streamed through the layer's page cache in batches that fit it,
+and the cache is emptied afterwards (one layer's staging at a time is on the device).
 
 Used by prefill chunks of offloading sequences and by the dense policy once a sequence
 has offloaded. Every batch yields an ``(out, lse)`` partial; the partials merge exactly.
@@ -47,6 +48,7 @@ def exact_attention(
             group = offloaded[b : b + batch_pages]
             dev = store.fetch(seq_id, layer, group, batch_pages)
             partials.append(_unmasked(q, store, dev, len(dev) * ps, scale))
+        store.drop_cache(seq_id, layer)
     return merge_partials(*partials)
 
 

@@ -19,7 +19,6 @@ from hetero.policies.base import DecodeStep, Policy, pack_tables
 @dataclass(slots=True)
 class QuestPolicy(Policy):
     name = "quest"
-    n_sink: int = 16
     n_local: int = 64
     dense_layers: int = 2
     token_budget: int = 1024
@@ -37,8 +36,7 @@ class QuestPolicy(Policy):
         return max(3, (self.token_budget - self.n_sink - self.n_local) // page_size)
 
     def cache_pages(self, cfg: ModelConfig, page_size: int) -> int:
-        # heads may pick disjoint pages; prefill streams through the same cache
-        return max(cfg.n_kv_heads * self.top_pages(page_size), Policy.cache_pages(self, cfg, page_size))
+        return cfg.n_kv_heads * self.top_pages(page_size)  # heads may pick disjoint pages
 
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         store = step.store
