@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 # Re-install only when the dependency list changes (idempotent and quick when done).
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test bench-dense
+.PHONY: setup demo test bench-dense bench-offload
 
 setup: $(STAMP)
 
@@ -27,4 +27,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench-dense: setup
-	$(PY) bench/dense_vs_hf.py
+	$(PY) -m bench.dense_vs_hf --out bench/out/dense_vs_hf.json
+
+bench-offload: setup
+	$(PY) -m bench.offload --out bench/out/offload.json

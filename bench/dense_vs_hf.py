@@ -4,7 +4,7 @@ Same model (the embedded SmolLM2-135M by default, identical fp32 weights), same 
 real text (Debian's license texts), same machine; systems alternate on every repeat so noise
 hits both. Prints a Markdown table of medians (min-max) and writes JSON with ``--out``.
 
-    python bench/dense_vs_hf.py [--lengths 1024 8192 16384] [--repeats 3] [--decode 32]
+    python -m bench.dense_vs_hf [--lengths 1024 8192 16384] [--repeats 3] [--decode 32]
 """
 
 from __future__ import annotations

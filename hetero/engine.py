@@ -34,17 +34,19 @@ class Engine:
         self,
         seq_id: int,
         token_ids: list[int],
-        all_logits: bool = False,
+        score: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> Tensor:
-        """Write the KV of ``token_ids`` for ``seq_id`` (pages must be reserved).
+        """Write the KV of ``token_ids`` for ``seq_id`` (admitted in the store).
 
-        Returns logits [vocab] of the last token, or [len(token_ids), vocab] with
-        ``all_logits`` (float32). ``progress(n)`` is called after each chunk of ``n`` tokens.
+        Returns logits [vocab] (float32) of the last token, or with ``score`` the
+        log-probabilities [len(token_ids) - 1] of each token given the ones before it
+        (computed chunk by chunk: no [n, vocab] tensor). ``progress(n)`` is called after
+        each chunk of ``n`` tokens.
         """
         store, model = self.store, self.model
         table = store.tables[seq_id]
-        logits = []
+        outs = []
         for start in range(0, len(token_ids), self.prefill_chunk):
             chunk = token_ids[start : start + self.prefill_chunk]
             n = len(chunk)
@@ -72,13 +74,15 @@ class Engine:
             hidden = model(tokens, positions, attend)
             table.n_tokens = start + n
             self._evict(seq_id)
-            if all_logits:
-                logits.append(model.logits(hidden))
+            if score:
+                targets = torch.tensor(token_ids[start + 1 : start + n + 1], device=self.device)
+                logp = torch.log_softmax(model.logits(hidden[: len(targets)]), dim=-1)
+                outs.append(logp.gather(1, targets[:, None])[:, 0])
             elif start + n == len(token_ids):
-                logits.append(model.logits(hidden[-1:])[0])
+                outs.append(model.logits(hidden[-1:])[0])
             if progress is not None:
                 progress(n)
-        return torch.cat(logits) if all_logits else logits[0]
+        return torch.cat(outs) if score else outs[0]
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> Tensor:

@@ -141,12 +141,10 @@ class LLM:
             raise ValueError("logprobs needs a text of at least two tokens")
         seq, _ = self._place(len(ids), 0)
         try:
-            logits = self.engine.prefill(seq, ids, all_logits=True)
+            logprobs = self.engine.prefill(seq, ids, score=True)
         finally:
             self.store.release(seq)
-        lp = torch.log_softmax(logits[:-1], dim=-1)
-        target = torch.tensor(ids[1:], device=lp.device)[:, None]
-        return LogprobsOutput(ids, lp.gather(1, target)[:, 0].tolist())
+        return LogprobsOutput(ids, logprobs.tolist())
 
     def memory_report(self) -> dict:
         """Device KV budget, use and peak, host KV bytes, and cumulative link traffic."""

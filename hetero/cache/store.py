@@ -149,10 +149,8 @@ class KVStore:
     def key_bounds(self, seq_id: int, layer: int) -> tuple[Tensor, Tensor]:
         """Per-page key min and max [Hkv, n_pages, D] of one layer (meaningful for
         offloaded pages only)."""
-        table, ps = self.tables[seq_id], self.page_size
-        meta = table.meta[layer]
-        n = min(table.n_pages, len(meta) * ps)
-        slots = torch.tensor([meta[i // ps] * ps + i % ps for i in range(n)], device=self.k.device)
+        table = self.tables[seq_id]
+        slots = self._slots_of(table.meta[layer])[: table.n_pages].to(self.k.device)
         return self.k.index_select(1, slots), self.v.index_select(1, slots)
 
     def fetch(self, seq_id: int, layer: int, page_idx: list[int], capacity: int) -> list[int]:

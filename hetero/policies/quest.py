@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from gpu_kernels import paged_decode_attention, quest_page_scores
-from hetero.cache import OFFLOADED
 from hetero.config import ModelConfig
 from hetero.policies.base import DecodeStep, Policy, pack_tables
 
@@ -45,24 +43,20 @@ class QuestPolicy(Policy):
         rows, n_tokens = [], []
         for b, s in enumerate(step.seq_ids):
             table = store.tables[s]
-            pages = table.layers[layer]
             n_tokens.append(table.n_tokens)
             resident = self.resident_pages(table, layer)
-            offloaded = [i for i, p in enumerate(pages) if p == OFFLOADED]
-            if not offloaded:
+            # the engine offloads exactly the pages between the sinks and `settled`
+            n_sink = self.sink_pages(ps)
+            if layer < self.dense_layers or not table.offload or table.settled <= n_sink:
                 rows.append([resident] * hkv)
                 continue
             kmin, kmax = store.key_bounds(s, layer)
-            scores = quest_page_scores(q[b], kmin, kmax)
-            candidate = torch.zeros(scores.shape[1], dtype=torch.bool)
-            candidate[offloaded] = True
-            scores = scores.masked_fill(~candidate.to(scores.device), float("-inf"))
-            top = scores.topk(min(self.top_pages(ps), len(offloaded)), dim=1).indices.sort(dim=1)
-            top = top.values.tolist()
+            scores = quest_page_scores(q[b], kmin, kmax)[:, n_sink : table.settled]
+            top = scores.topk(min(self.top_pages(ps), scores.shape[1]), dim=1).indices
+            top = (top.sort(dim=1).values + n_sink).tolist()
             wanted = sorted({i for head in top for i in head})
             dev = dict(zip(wanted, store.fetch(s, layer, wanted, capacity)))
-            n_sink_pages = sum(1 for i in self.resident(layer, table.n_tokens, ps) if i < offloaded[0])
-            sinks, window = resident[:n_sink_pages], resident[n_sink_pages:]
+            sinks, window = resident[:n_sink], resident[n_sink:]
             rows.append([sinks + [dev[i] for i in head] + window for head in top])
         bt, lens = pack_tables(rows, n_tokens, ps, q.device)
         out, _ = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps)
