@@ -79,6 +79,7 @@ class SeqPages:
     page_size: int
     n_layers: int
     offload: bool = False
+    capacity: int = 0  # most tokens the sequence may reach
     layers: list[list[int]] = field(default_factory=list)
     meta: list[list[int]] = field(default_factory=list)
     cache: list[OrderedDict] = field(default_factory=list)

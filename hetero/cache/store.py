@@ -112,7 +112,7 @@ class KVStore:
         """Start a sequence of at most ``max_tokens`` tokens; with ``offload`` its host tier
         is allocated up front (pages outside the resident set will live there)."""
         assert seq_id not in self.tables, f"sequence {seq_id} admitted twice"
-        table = self.tables[seq_id] = SeqPages(self.page_size, self.cfg.n_layers, offload)
+        table = self.tables[seq_id] = SeqPages(self.page_size, self.cfg.n_layers, offload, max_tokens)
         if offload:
             cfg = self.cfg
             shape = (cfg.n_layers, cfg.n_kv_heads, max_tokens, cfg.head_dim)
@@ -135,9 +135,8 @@ class KVStore:
         k = self.k.index_select(1, src)  # [Hkv, n*ps, D]
         self.device.to_host(hk[layer], k, index=dst)
         self.device.to_host(hv[layer], self.v.index_select(1, src), index=dst)
-        need = -(-(max(page_idx) + 1) // ps) - len(table.meta[layer])
-        if need > 0:
-            table.meta[layer] += self.allocator.allocate(need)
+        if not table.meta[layer]:  # one run for the whole sequence: scoring reads a view
+            table.meta[layer] = self.allocator.allocate(-(-table.capacity // ps // ps))
         meta = torch.tensor([table.meta[layer][i // ps] * ps + i % ps for i in page_idx])
         k = k.view(k.shape[0], len(page_idx), ps, k.shape[2])
         self.k.index_copy_(1, meta.to(self.k.device), k.amin(dim=2))
@@ -149,8 +148,12 @@ class KVStore:
     def key_bounds(self, seq_id: int, layer: int) -> tuple[Tensor, Tensor]:
         """Per-page key min and max [Hkv, n_pages, D] of one layer (meaningful for
         offloaded pages only)."""
-        table = self.tables[seq_id]
-        slots = self._slots_of(table.meta[layer])[: table.n_pages].to(self.k.device)
+        table, ps = self.tables[seq_id], self.page_size
+        meta = table.meta[layer]
+        if meta[-1] - meta[0] == len(meta) - 1:  # contiguous (ids come sorted)
+            span = slice(meta[0] * ps, meta[0] * ps + table.n_pages)
+            return self.k[:, span], self.v[:, span]
+        slots = self._slots_of(meta)[: table.n_pages].to(self.k.device)
         return self.k.index_select(1, slots), self.v.index_select(1, slots)
 
     def fetch(self, seq_id: int, layer: int, page_idx: list[int], capacity: int) -> list[int]:
