@@ -3,7 +3,7 @@ needle in ~1.25k tokens is found with a 10% budget as dense attention finds it."
 
 import pytest
 
-from bench.fidelity import attention_error
+from bench.probe import attention_error
 from hetero import LLM, SamplingParams
 
 FILLER = open("/usr/share/common-licenses/GPL-3").read()
