@@ -1,0 +1,223 @@
+"""``report.md`` from the result documents: one table per workload, and what they say."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from hetero.device import format_size
+
+SPEED_ONLY = "†"
+
+
+def _cell(s: dict | None, fmt: str = "{:.1f}") -> str:
+    if not s:
+        return "–"
+    if s["n"] == 1 or s["min"] == s["max"]:
+        return fmt.format(s["median"])
+    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
+
+
+def _size(s: dict | None) -> str:
+    return format_size(int(s["median"])) if s else "–"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def _label(doc: dict, system: str) -> str:
+    return doc["systems"].get(system, {}).get("label", system)
+
+
+def _ctx(doc: dict, n: int) -> str:
+    speed_only = n > (doc["model"].get("trained_context") or n)
+    return f"{n}{SPEED_ONLY if speed_only else ''}"
+
+
+def _index(doc: dict, *keys: str) -> dict:
+    """Rows by (system, *keys) (rows with errors kept under their keys too)."""
+    return {(r["system"], *(r.get(k) for k in keys)): r for r in doc["rows"]}
+
+
+def _systems(doc: dict) -> list[str]:
+    seen = [r["system"] for r in doc["rows"]]
+    return sorted(set(seen), key=seen.index)
+
+
+def _err_or(row: dict | None, text: str) -> str:
+    if row is None:
+        return "–"
+    return "error" if "error" in row else text
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+def header(docs: dict) -> list[str]:
+    doc = next(iter(docs.values()))
+    m, model = doc["machine"], doc["model"]
+    lines = [
+        "# hetero bench report", "",
+        f"{'Quick run (small lengths, 1 repeat)' if doc['quick'] else 'Full run'}, {doc['created']}. "
+        f"Machine: {m['cpu']}, {m['cores']} cores / {m.get('logical_cpus')} logical CPUs, "
+        f"{m['threads']} threads for every system, {format_size(m.get('ram_bytes', 0))} RAM"
+        f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; Python {m.get('python')}, "
+        f"torch {m['torch']}, numba {m['numba']}, transformers {m.get('transformers')}.",
+        f"Model: {model['name']} (trained context {model.get('trained_context')}); hetero, HF "
+        f"and kvpress run its weights dequantised to {doc['settings'].get('dtype')}, llama.cpp "
+        f"runs the GGUF file as stored (Q4_1 weights, f16 KV). Text: Debian's license texts. "
+        f"Cells: median (min–max) over repeated runs; {SPEED_ONLY} = beyond the trained "
+        f"context: speed only.", "",
+        "## Systems", "",
+    ]
+    systems = {}
+    for d in docs.values():
+        for name, s in d["systems"].items():
+            systems.setdefault(name, s)
+    rows = []
+    for name, s in systems.items():
+        info = s["reason"] if s["status"] != "ok" else ", ".join(
+            f"{k} {v}" for k, v in sorted((s.get("versions") or {}).items()))
+        rows.append([name, s["label"], s["status"], info or ""])
+    return lines + _table(["system", "what", "status", "versions / reason"], rows)
+
+
+def decode_section(doc: dict) -> list[str]:
+    s = doc["settings"]
+    rows_1 = [r for r in doc["rows"] if r["batch"] == 1]
+    contexts = sorted({r["context"] for r in rows_1})
+    idx = _index(doc, "context", "batch")
+    lines = ["## Decode", "",
+             f"ms per token ({s['n_decode']} tokens decoded after the prompt; sparse systems "
+             f"read {s['token_budget']} tokens per sparse layer, the first {s['dense_layers']} "
+             f"layers exact; kvpress keeps the same share of all KV).", ""]
+    rows = []
+    for name in _systems(doc):
+        cells = [_err_or(idx.get((name, n, 1)), _cell(idx.get((name, n, 1), {}).get("metrics", {}).get("decode_ms")))
+                 for n in contexts]
+        if any(c != "–" for c in cells):
+            rows.append([_label(doc, name), *cells])
+    lines += _table(["system", *(_ctx(doc, n) for n in contexts)], rows)
+    batches = sorted({r["batch"] for r in doc["rows"]})
+    bc = s["batch_context"]
+    if len(batches) > 1:
+        lines += [f"Batch throughput at {bc} tokens of context: decode tokens/s of the whole batch.", ""]
+        rows = []
+        for name in _systems(doc):
+            cells = [_err_or(idx.get((name, bc, b)), _cell(idx.get((name, bc, b), {}).get("metrics", {}).get("decode_tok_s")))
+                     for b in batches]
+            if sum(c != "–" for c in cells) > 1:
+                rows.append([_label(doc, name), *cells])
+        lines += _table(["system", *(f"batch {b}" for b in batches)], rows)
+    rows = []
+    for r in rows_1:
+        m = r["metrics"]
+        if r["system"].startswith("hetero") and "h2d_bytes_per_token" in m:
+            rows.append([_label(doc, r["system"]), _ctx(doc, r["context"]),
+                         f"{_size(m.get('device_kv_bytes'))} / {_size(m.get('device_kv_budget'))}",
+                         _size(m.get("host_kv_bytes")), _size(m.get("h2d_bytes_per_token")),
+                         f"{100 * m['cache_hit_rate']['median']:.0f}%" if "cache_hit_rate" in m else "–"])
+    if rows:
+        lines += ["Offload (hetero): device KV peak against the budget, host KV, host→device bytes "
+                  "per decoded token, page-cache hits.", ""]
+        lines += _table(["system", "context", "device KV peak / budget", "host KV",
+                         "h2d per token", "page-cache hits"], rows)
+    return lines
+
+
+def prefill_section(doc: dict) -> list[str]:
+    doc = {**doc, "rows": [r for r in doc["rows"] if r.get("batch", 1) == 1]}
+    contexts = sorted({r["context"] for r in doc["rows"]})
+    idx = _index(doc, "context")
+    rows = []
+    for name in _systems(doc):
+        cells = []
+        for n in contexts:
+            r = idx.get((name, n))
+            m = (r or {}).get("metrics", {})
+            cells.append(_err_or(r, f"{_cell(m.get('prefill_tok_s'), '{:.0f}')} tok/s · "
+                                    f"{_cell(m.get('ttft_s'), '{:.2f}')} s"))
+        rows.append([_label(doc, name), *cells])
+    return (["## Prefill", "", "Prompt tokens per second and time to first token.", ""]
+            + _table(["system", *(_ctx(doc, n) for n in contexts)], rows))
+
+
+def fidelity_section(doc: dict) -> list[str]:
+    fractions = sorted({r["fraction"] for r in doc["rows"] if r.get("fraction") is not None})
+    cols = ["exact", *(f"{100 * f:g}%" for f in fractions)]
+    by_test = defaultdict(list)
+    for r in doc["rows"]:
+        by_test[r["test"]].append(r)
+    lines = ["## Fidelity", "",
+             "Budgets: share of the context each sparse layer reads (hetero keeps the first "
+             f"{doc['settings']['dense_layers']} layers exact; a kvpress press keeps the same "
+             "share of all KV, given in each cell as 'KV x%').", ""]
+
+    def grid(rows, fmt, keys=("system",)) -> list[list[str]]:
+        groups = {}
+        for r in rows:
+            groups.setdefault(tuple(r.get(k) for k in keys), {})[r.get("fraction")] = r
+        out = []
+        for key, by_f in groups.items():
+            cells = []
+            for f in [None, *fractions]:
+                r = by_f.get(f)
+                cells.append(_err_or(r, fmt(r) if r and "error" not in r else ""))
+            out.append([_label(doc, key[0]), *(str(k) for k in key[1:]), *cells])
+        return out
+
+    share = lambda r: "" if r["fraction"] is None else f" (KV {100 * r['kv_fraction']:.0f}%)"  # noqa: E731
+    if rows := by_test.get("needle"):
+        n = rows[0].get("context")
+        depths = ", ".join(f"{d:g}" for d in doc["settings"].get("needle_depths", []))
+        lines += [f"Passkey accuracy (needle at depths {depths} of prompts of ~{n} tokens).", ""]
+        lines += _table(["system", *cols], grid(
+            rows, lambda r: f"{100 * r['metrics']['accuracy']['mean']:.0f}%{share(r)}"))
+    if rows := by_test.get("attention_error"):
+        lines += ["Attention-output error against exact attention, ||o − o_exact|| / ||o_exact|| "
+                  "in the sparse layers: median (min–max) over decode steps.", ""]
+        lines += _table(["system", "context", *cols], grid(
+            rows, lambda r: _cell(r["metrics"]["attention_error"], "{:.3f}"), ("system", "context")))
+    if rows := by_test.get("perplexity"):
+        lines += ["Perplexity of a real continuation scored through decode attention (teacher "
+                  "forced), and its change against the same family's exact run.", ""]
+        lines += _table(["system", "context", *cols], grid(
+            rows, lambda r: f"{r['metrics']['perplexity']['median']:.2f} "
+                            f"(Δ {r['metrics']['perplexity_delta']['median']:+.2f})",
+            ("system", "context")))
+    return lines
+
+
+def memory_section(doc: dict) -> list[str]:
+    rows = []
+    for r in doc["rows"]:
+        if r.get("batch", 1) != 1:
+            continue
+        m = r["metrics"]
+        rows.append([_label(doc, r["system"]), _ctx(doc, r["context"]),
+                     *(["error"] * 4 if "error" in r else [
+                         _size(m.get("device_kv_bytes")), _size(m.get("host_kv_bytes")),
+                         _size(m.get("lsh_table_bytes")) if "lsh_table_bytes" in m else "n/a",
+                         _size(m.get("peak_rss_bytes"))])])
+    return (["## Memory", "",
+             "KV bytes on the device (peak; for HF and kvpress the cache tensors, for "
+             "llama.cpp its f16 cache for the context), KV bytes on the host tier, LSH table "
+             "bytes (n/a: no LSH policy ran), and the worker process's peak RSS (weights "
+             "included).", ""]
+            + _table(["system", "context", "device KV", "host KV", "LSH tables", "peak RSS"], rows))
+
+
+def render(docs: dict, findings: list[str] | None = None) -> str:
+    """The Markdown report for the documents present (keys are workload names)."""
+    if not docs:
+        raise ValueError("no result documents to report on")
+    lines = header(docs)
+    for name, section in (("decode", decode_section), ("prefill", prefill_section),
+                          ("fidelity", fidelity_section), ("memory", memory_section)):
+        if name in docs:
+            lines += section(docs[name])
+    if findings:
+        lines += ["## What the numbers say", "", *(f"- {f}" for f in findings), ""]
+    return "\n".join(lines)
