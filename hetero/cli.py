@@ -1,4 +1,4 @@
-"""The ``hetero`` command: ``generate`` and ``info``.
+"""The ``hetero`` command: ``generate``, ``info`` and ``bench`` (driven from ``bench/``).
 
 Results go to stdout (one JSON object with ``--json``); logs and progress go to stderr.
 Errors exit non-zero with a one-line message.
@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="device, dtype, model, budget and versions")
     _add_model_args(i)
+
+    from bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return ap
 
 
@@ -134,6 +138,12 @@ def _info(args) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def _bench(args) -> None:
+    from bench.cli import run
+
+    run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        {"generate": _generate, "info": _info}[args.command](args)
+        {"generate": _generate, "info": _info, "bench": _bench}[args.command](args)
     except (ValueError, TypeError, OSError) as e:
         if args.verbose:
             raise
