@@ -1,0 +1,243 @@
+"""The bench plumbing: arguments, plans, result schema, peers' state, worker protocol,
+report and plots from a small recorded result. No timings, no peers needed."""
+
+import copy
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import peers
+from bench.cli import plan_from_args, write_report
+from bench.plan import FULL, QUICK
+from bench.results import SCHEMA, machine, read_doc, summary, validate
+from bench.systems import (HF, LLAMACPP, device_kv_budget, hetero, hetero_sparse, kv_share,
+                           kvpress, speed_job)
+from hetero.config import ModelConfig
+from hetero.cli import _parser, main
+
+FIXTURE = Path(__file__).parent / "fixtures" / "quick"
+WORKLOADS = ("decode", "prefill", "fidelity", "memory")
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(FIXTURE, out)
+    return out
+
+
+def _bench_args(*argv):
+    return _parser().parse_args(["bench", *argv])
+
+
+# -- arguments and plans --------------------------------------------------------------------
+
+
+def test_bench_arguments_parse():
+    args = _bench_args("all", "--quick", "--out", "x", "--peers", "kvpress", "--no-setup")
+    assert (args.command, args.what, args.quick, args.out, args.peers, args.no_setup) == (
+        "bench", "all", True, Path("x"), ["kvpress"], True)
+    assert _bench_args("decode").peers == ["kvpress", "llamacpp"]
+    assert _bench_args("fidelity", "--peers").peers == []
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "speed"], ["bench", "all", "--peers", "vllm"]])
+def test_bad_bench_arguments_exit(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(argv)
+    assert e.value.code == 2
+
+
+def test_plans():
+    assert plan_from_args(_bench_args("all", "--quick")) is QUICK
+    assert plan_from_args(_bench_args("all")) is FULL
+    assert FULL.decode_contexts == (1024, 4096, 8192, 16384, 32768)
+    assert FULL.batch_sizes == (1, 4, 8) and FULL.batch_context == 8192
+    assert max(QUICK.decode_contexts) <= 4096 and QUICK.repeats == 1
+    plan = plan_from_args(_bench_args("decode", "--contexts", "512", "2048", "--repeats", "2"))
+    assert plan.decode_contexts == plan.memory_contexts == (512, 2048)
+    assert plan.batch_context == 2048 and plan.repeats == 2
+    assert FULL.repeats_at(4096, 8192) == 3
+    assert FULL.repeats_at(16384, 8192) == FULL.repeats_at(8192, 8192, batch=8) == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--contexts", "8"], "--contexts"), (["--repeats", "0"], "--repeats")])
+def test_bad_overrides_are_one_line_errors(argv, match, capsys, tmp_path):
+    code = main(["bench", "decode", "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("hetero: error:") and match in err[-1]
+
+
+# -- systems and jobs -----------------------------------------------------------------------
+
+
+def test_kv_share_counts_dense_layers_whole():
+    assert kv_share(0.1, 2, 30) == pytest.approx((2 + 28 * 0.1) / 30)
+    assert kv_share(1.5, 2, 30) == 1.0 and kv_share(0.0, 0, 30) == 0.0
+
+
+SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, n_layers=30,
+                      n_heads=9, n_kv_heads=3, head_dim=64)
+
+
+def test_device_budgets_fit_the_run():
+    full_kv = SMOLLM2.kv_bytes_per_token(4) * 32768
+    dense = device_kv_budget(hetero("dense"), FULL, SMOLLM2, 32768)
+    quest = device_kv_budget(hetero_sparse("quest", 1024, 2), FULL, SMOLLM2, 32768)
+    assert full_kv < dense < 1.2 * full_kv
+    assert quest < 0.3 * full_kv  # the resident set, not the KV
+    assert device_kv_budget(hetero("dense"), FULL, SMOLLM2, 1024, batch=4) > 4 * SMOLLM2.kv_bytes_per_token(4) * 1024
+
+
+def test_speed_jobs_per_family():
+    model = {"source": None, "gguf": "/m.gguf", "hf_dir": "/hf"}
+    batch = [[1, 2, 3, 4]] * 2
+    quest = hetero_sparse("quest", 1024, 2)
+    job = speed_job(quest, FULL, model, 2, batch, 8, 3, SMOLLM2)
+    assert job["llm"]["policy"] == "quest" and job["llm"]["device_kv_budget"] > 0
+    assert job["llm"]["policy_params"] == {"token_budget": 1024, "n_sink": 4, "n_local": 64,
+                                           "dense_layers": 2}
+    assert job["llm"]["max_model_len"] >= 4 + 8
+    assert job["tasks"] == [{"kind": "speed", "ids": batch, "n_decode": 8, "repeats": 3}]
+    streaming = hetero_sparse("streaming", 1024, 2).params
+    assert streaming["n_sink"] + streaming["n_local"] == 1024
+    assert speed_job(HF, FULL, model, 2, batch, 8, 1)["model_dir"] == "/hf"
+    assert speed_job(LLAMACPP, FULL, model, 2, batch[:1], 8, 1)["model_path"] == "/m.gguf"
+    press = speed_job(kvpress("snapkv"), FULL, model, 2, [[0] * 4096], 8, 1)["tasks"][0]
+    assert press["press"] == "snapkv" and press["keep"] == pytest.approx(kv_share(0.25, 2))
+    assert not kvpress("knorm").batched and hetero("dense").batched
+    with pytest.raises(ValueError, match="no sparse hetero system"):
+        hetero_sparse("dense", 10, 2)
+
+
+# -- result documents -----------------------------------------------------------------------
+
+
+def test_summary_and_machine():
+    s = summary([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["mean"], s["n"]) == (2.0, 1.0, 3.0, 2.0, 3)
+    with pytest.raises(ValueError):
+        summary([])
+    m = machine()
+    assert {"cpu", "cores", "threads", "torch", "numba"} <= set(m)
+    assert m["cores"] >= 1 and isinstance(m["cpu"], str) and m["cpu"]
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_recorded_documents_follow_the_schema(workload):
+    doc = read_doc(FIXTURE / f"{workload}.json")
+    assert doc["schema"] == SCHEMA and doc["workload"] == workload
+    assert doc["rows"] and all(r["system"] in doc["systems"] for r in doc["rows"])
+
+
+@pytest.mark.parametrize("break_it, match", [
+    (lambda d: d.pop("machine"), "lacks"),
+    (lambda d: d["machine"].pop("numba"), "numba"),
+    (lambda d: d.update(schema="other/1"), "schema"),
+    (lambda d: d["rows"][0].update(system="nobody"), "not in 'systems'"),
+    (lambda d: next(iter(d["rows"][0]["metrics"].values())).pop("max"), "summary"),
+    (lambda d: next(iter(d["systems"].values())).update(status="meh"), "status"),
+])
+def test_schema_violations_are_named(break_it, match):
+    doc = copy.deepcopy(read_doc(FIXTURE / "decode.json"))
+    break_it(doc)
+    with pytest.raises(ValueError, match=match):
+        validate(doc)
+
+
+# -- report and plots -----------------------------------------------------------------------
+
+
+def test_report_and_plots_from_a_recorded_result(recorded):
+    path = write_report(recorded)
+    text = path.read_text()
+    for heading in ("## Systems", "## Decode", "## Prefill", "## Fidelity", "## Memory",
+                    "## What the numbers say"):
+        assert heading in text
+    decode = read_doc(recorded / "decode.json")
+    for name, system in decode["systems"].items():
+        assert system["label"] in text
+        if system["status"] != "ok":
+            assert system["reason"] in text  # a peer that could not run says why
+    assert "Passkey accuracy" in text and "Attention-output error" in text
+    assert "†" in text  # lengths beyond the trained context are marked speed-only
+    for w in WORKLOADS:
+        png = (recorded / f"{w}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_report_command(recorded, capsys):
+    assert main(["bench", "report", "--out", str(recorded)]) == 0
+    assert capsys.readouterr().out.strip() == str(recorded / "report.md")
+
+
+def test_report_needs_results(tmp_path, capsys):
+    assert main(["bench", "report", "--out", str(tmp_path)]) == 2
+    assert "no result documents" in capsys.readouterr().err
+
+
+# -- peers and workers ----------------------------------------------------------------------
+
+
+def test_peer_states(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETERO_BENCH_PEERS", str(tmp_path))
+    assert peers.status("hf").state == "ok"
+    st = peers.status("kvpress")
+    assert st.state == "missing" and "hetero bench setup" in st.reason
+    (tmp_path / "llamacpp.failed").write_text("cmake: no C compiler\n")
+    assert peers.status("llamacpp") == peers.PeerStatus("llamacpp", "failed", "cmake: no C compiler")
+    (tmp_path / "kvpress" / "bin").mkdir(parents=True)
+    (tmp_path / "kvpress" / ".bench-ok").write_text(json.dumps({"kvpress": "0.5.5"}))
+    st = peers.status("kvpress")
+    assert st.state == "ok" and st.python.endswith("kvpress/bin/python")
+    assert st.versions == {"kvpress": "0.5.5"}
+    with pytest.raises(ValueError, match="unknown peer"):
+        peers.status("vllm")
+
+
+def test_worker_protocol_reports_each_task(monkeypatch, capsys):
+    from bench.workers import _protocol
+
+    def boom(task):
+        raise RuntimeError("out of memory")
+
+    job = {"tasks": [{"kind": "ok", "x": 2}, {"kind": "boom"}, {"kind": "nope"}]}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(job)))
+    _protocol.run_tasks(_protocol.read_job(), {"ok": lambda t: {"y": t["x"] * 2}, "boom": boom},
+                        {"v": "1"})
+    reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reply["results"][0] == {"y": 4}
+    assert reply["results"][1] == {"error": "RuntimeError: out of memory"}
+    assert "no task kind" in reply["results"][2]["error"]
+    assert reply["peak_rss_bytes"] > 0 and reply["versions"] == {"v": "1"}
+    run = _protocol.speed_run(2.0, 1.0, 4, 100, 11, device_kv_bytes=5)
+    assert run["prefill_tok_s"] == 200 and run["decode_ms"] == 100 and run["decode_tok_s"] == 40
+
+
+def test_run_worker_failure_is_an_error(tmp_path):
+    with pytest.raises(peers.WorkerError, match="exited with status"):
+        peers.run_worker(sys.executable, "no_such_worker.py", {"tasks": []}, 60,
+                         tmp_path / "w.log")
+
+
+# -- probes ---------------------------------------------------------------------------------
+
+
+def test_forced_decode_nll_matches_exact_prefill_scoring(tiny_model_dir):
+    """Teacher-forced decode through the dense policy scores tokens as the exact prefill does."""
+    from bench.probe import forced_nll
+    from hetero import LLM
+
+    llm = LLM(tiny_model_dir, device="cpu", page_size=4, prefill_chunk=16)
+    ids = llm.tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]
+    ctx, cont = ids[:24], ids[24:34]
+    nll = forced_nll(llm, ctx, cont)
+    # logprobs[i] = log p(ids[i+1] | ids[:i+1]): cont[1:] are ids[25:34]
+    ref = llm.logprobs(ids).logprobs[len(ctx) : len(ctx) + len(cont) - 1]
+    assert nll == pytest.approx(-sum(ref) / len(ref), abs=1e-4)
+    assert llm.store.allocator.n_used == 0 and llm.engine.__class__.__name__ == "Engine"
