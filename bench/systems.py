@@ -52,7 +52,9 @@ def kv_share(sparse_fraction: float, dense_layers: int, n_layers: int = N_LAYERS
 
 def hetero(policy: str, **params) -> System:
     sparse = policy != "dense"
-    return System(f"hetero-{policy}", "hetero", f"hetero {policy}", {"policy": policy, **params},
+    budget = params.get("token_budget") or (params.get("n_sink", 0) + params.get("n_local", 0))
+    label = f"hetero {policy}" + (f" ({budget} tok/step)" if sparse and budget else "")
+    return System(f"hetero-{policy}", "hetero", label, {"policy": policy, **params},
                   sparse=sparse)
 
 
