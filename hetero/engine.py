@@ -106,10 +106,11 @@ class Engine:
             store.write(slots[layer], k, v)
             return self.policy.attend_decode(layer, q, step)
 
+        for s in seq_ids:  # policies read n_tokens: the new token takes part in attention
+            store.tables[s].n_tokens += 1
         tokens = torch.tensor(token_ids, device=self.device)
         hidden = self.model(tokens, torch.tensor(positions, device=self.device), attend)
         for s in seq_ids:
-            store.tables[s].n_tokens += 1
             self._evict(s)
         return self.model.logits(hidden)
 
