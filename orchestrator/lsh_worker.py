@@ -1,0 +1,202 @@
+"""A CPU worker for MagicPIG: LSH tables over a sequence's offloaded keys, sampled attention.
+
+The worker owns, for a shard of layers and per sequence, the LSH state of the offloaded
+keys of each KV head: the centre (mean of the offloaded keys), the centred key norms and
+L hash tables of K-bit SimHash buckets (``cpu_kernels.lsh``). Keys and values are never
+copied: the worker keeps views of the host tier (``KVStore.host[seq]``, ``[Hkv, capacity, D]``
+per layer, indexed by token position) and reads the rows it samples.
+
+Positions ``[lo, hi)`` offloaded when the tables were built are sampled through them.
+Positions offloaded later (while decoding, a page at a time) are few: they are attended
+exactly and merged, so no offloaded token is ever skipped. The caller rebuilds the tables
+when that tail grows.
+
+A plain class: no threads, no locks, no Ray. ``orchestrator.local`` runs its calls on a
+thread pool; a Ray backend can wrap it as an actor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cpu_kernels import LSHTables, build_tables, centred_norms, lsh_attention, simhash_codes
+from gpu_kernels import merge_partials
+
+
+@dataclass(frozen=True, slots=True)
+class LayerLSH:
+    """LSH state of one layer of one sequence.
+
+    Attributes
+    ----------
+    keys, values : [Hkv, capacity, D] float32 views of the host tier.
+    mean : [Hkv, D] float32, the centre of the keys in ``[lo, hi)``.
+    norms : [Hkv, hi] float32, ``|k - mean|`` (0 below ``lo``).
+    tables : ids over positions ``0..hi-1``; positions below ``lo`` are in bucket 0 and
+        never sampled (the device holds the sinks).
+    lo, hi : the positions the tables sample.
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    mean: np.ndarray
+    norms: np.ndarray
+    tables: LSHTables
+    lo: int
+    hi: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.tables.nbytes + self.norms.nbytes + self.mean.nbytes
+
+
+class LSHWorker:
+    """LSH tables and sampled attention for the layers ``projections`` lists.
+
+    Parameters
+    ----------
+    projections : layer -> ``R`` [D, K*L] float32, the layer's random Gaussian projection.
+    k, l : bits per table (0..16) and number of tables (>= 2).
+    scale : softmax scale.
+    """
+
+    def __init__(self, projections: Mapping[int, np.ndarray], k: int, l: int, scale: float):
+        if not 0 <= k <= 16:
+            raise ValueError(f"k (bits per table) must be in [0, 16], got {k}")
+        if l < 2:
+            raise ValueError(f"l (tables) must be >= 2: keys are sampled on >= 2 collisions, got {l}")
+        self.projections = {int(layer): np.ascontiguousarray(r, dtype=np.float32)
+                            for layer, r in projections.items()}
+        for layer, r in self.projections.items():
+            if r.ndim != 2 or r.shape[1] != k * l:
+                raise ValueError(f"projection of layer {layer} must be [D, K*L={k * l}], got {r.shape}")
+        self.k, self.l, self.scale = k, l, float(scale)
+        self.state: dict[tuple[int, int], LayerLSH] = {}
+        self.keys_read = 0  # summed over query heads and calls
+        self.keys_offloaded = 0
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.projections)
+
+    def build(self, seq_id: int, layer: int, keys: Tensor | np.ndarray, values: Tensor | np.ndarray,
+              n_offloaded_lo: int, n_offloaded_hi: int) -> None:
+        """Build the tables of one layer of ``seq_id`` over positions ``[lo, hi)``.
+
+        Parameters
+        ----------
+        keys, values : [Hkv, capacity, D] float32, C-contiguous (CPU tensors or arrays): the
+            layer's host tier, kept as views.
+        n_offloaded_lo, n_offloaded_hi : the offloaded positions ``[lo, hi)``.
+
+        A build older than the state it would replace (smaller ``hi``) is dropped.
+        """
+        r = self._projection(layer)
+        keys, values = _host_rows(keys, "keys"), _host_rows(values, "values")
+        lo, hi = int(n_offloaded_lo), int(n_offloaded_hi)
+        hkv, cap, d = keys.shape
+        if values.shape != keys.shape or r.shape[0] != d:
+            raise ValueError(f"keys {keys.shape} and values {values.shape} must be [Hkv, capacity, D] "
+                             f"with D = {r.shape[0]}")
+        if not 0 <= lo <= hi <= cap:
+            raise ValueError(f"offloaded positions [{lo}, {hi}) must lie in [0, capacity={cap}]")
+        rows = keys[:, lo:hi]  # a view
+        mean = (rows.mean(axis=1, dtype=np.float64) if hi > lo else np.zeros((hkv, d))).astype(np.float32)
+        norms = np.zeros((hkv, hi), dtype=np.float32)
+        codes = np.zeros((hkv, hi, self.l), dtype=np.uint16)
+        if hi > lo:
+            norms[:, lo:] = centred_norms(rows, mean)
+            codes[:, lo:] = simhash_codes(rows, r, self.k, self.l, center=mean)
+        state = LayerLSH(keys, values, mean, norms, build_tables(codes, self.k), lo, hi)
+        old = self.state.get((seq_id, layer))
+        if old is None or old.hi <= hi:
+            self.state[(seq_id, layer)] = state
+
+    def has(self, seq_id: int, layer: int) -> bool:
+        return (seq_id, layer) in self.state
+
+    def attend(self, seq_id: int, layer: int, q: Tensor | np.ndarray, q_codes: Tensor | np.ndarray,
+               n_offloaded_hi: int | None = None) -> tuple[Tensor, Tensor]:
+        """Attention of ``q`` over the offloaded positions ``[lo, n_offloaded_hi)``.
+
+        Parameters
+        ----------
+        q : [Hq, D] float32 queries (uncentred); q_codes : [Hq, L] integer SimHash codes of
+            ``q`` with the layer's projection and no centre.
+        n_offloaded_hi : end of the offloaded positions now (default: the build's ``hi``).
+            Positions from the build's ``hi`` on are attended exactly.
+
+        Returns
+        -------
+        out : [Hq, D] float32; lse : [Hq] float32 (natural log): a partial over the
+        offloaded keys that merges with the device's (``-inf`` and 0 if there are none).
+        """
+        st = self.state.get((seq_id, layer))
+        if st is None:
+            raise ValueError(f"no LSH tables for sequence {seq_id}, layer {layer}: call build first")
+        hi = st.hi if n_offloaded_hi is None else int(n_offloaded_hi)
+        if not st.hi <= hi <= st.keys.shape[1]:
+            raise ValueError(f"n_offloaded_hi={hi} must lie in [{st.hi}, {st.keys.shape[1]}] "
+                             f"(the tables cover positions up to {st.hi})")
+        q = np.ascontiguousarray(_numpy(q), dtype=np.float32)
+        hq = q.shape[0]
+        parts = []
+        if st.hi > st.lo:
+            counts = np.empty(hq, dtype=np.int32)
+            out, lse = lsh_attention(q, _numpy(q_codes), st.keys, st.values, st.norms, st.mean, st.tables,
+                                     self.scale, st.lo, st.hi, n_candidates=counts)
+            parts.append((torch.from_numpy(out), torch.from_numpy(lse)))
+            self.keys_read += int(counts.sum())
+        if hi > st.hi:
+            parts.append(_exact(q, st.keys[:, st.hi:hi], st.values[:, st.hi:hi], self.scale))
+            self.keys_read += hq * (hi - st.hi)
+        self.keys_offloaded += hq * (hi - st.lo)
+        if not parts:
+            return torch.zeros(q.shape, dtype=torch.float32), torch.full((hq,), float("-inf"))
+        return merge_partials(*parts)
+
+    def release(self, seq_id: int) -> None:
+        """Drop the state of every layer of ``seq_id`` (the views of its host tier too)."""
+        for key in [key for key in self.state if key[0] == seq_id]:
+            del self.state[key]
+
+    def table_bytes(self, seq_id: int | None = None) -> dict[int, int]:
+        """Bytes of LSH state (tables, norms, centres) per layer, of ``seq_id`` or of all."""
+        out = dict.fromkeys(self.layers, 0)
+        for (s, layer), st in list(self.state.items()):
+            if seq_id is None or s == seq_id:
+                out[layer] += st.nbytes
+        return out
+
+    def _projection(self, layer: int) -> np.ndarray:
+        if layer not in self.projections:
+            raise ValueError(f"layer {layer} is not served by this worker (layers {self.layers})")
+        return self.projections[layer]
+
+
+def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
+    return x.numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _host_rows(x: Tensor | np.ndarray, name: str) -> np.ndarray:
+    a = _numpy(x)
+    if a.ndim != 3 or a.dtype != np.float32 or not a.flags.c_contiguous:
+        raise TypeError(f"{name} must be a C-contiguous float32 [Hkv, capacity, D] host tier, got "
+                        f"{a.dtype} {a.shape}: the CPU kernels read it in place and have no half path")
+    return a
+
+
+def _exact(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float) -> tuple[Tensor, Tensor]:
+    """Exact partial of ``q`` [Hq, D] over ``keys``, ``values`` [Hkv, T, D] (GQA by groups)."""
+    hkv, _, d = keys.shape
+    qg = torch.from_numpy(q).view(hkv, -1, d)
+    k, v = torch.from_numpy(keys), torch.from_numpy(values)
+    logits = torch.matmul(qg, k.transpose(1, 2)).mul_(scale)  # [Hkv, G, T]
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.matmul(torch.exp(logits - lse[..., None]), v)
+    return out.reshape(q.shape), lse.reshape(-1)

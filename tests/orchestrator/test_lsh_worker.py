@@ -1,0 +1,155 @@
+"""LSHWorker: tables over the host tier's offloaded rows, sampled attention against the
+kernels' torch references, the exact limit (K=0 samples every key), the exactly attended
+tail, release and bad arguments."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.lsh_worker import LSHWorker
+from tests.cpu_kernels.lsh_reference import (
+    probe_reference, sampled_attention_reference, simhash_reference,
+)
+
+HKV, G, CAP, D = 2, 3, 160, 16
+SCALE = D**-0.5
+LAYER = 5
+
+
+def _host(seed=0, integer=False):
+    """A layer's host tier [Hkv, capacity, D] (K and V), float32, by token position."""
+    g = torch.Generator().manual_seed(seed)
+    if integer:  # dyadic data: projections are exact in float32 and float64 alike
+        k = torch.randint(-4, 5, (HKV, CAP, D), generator=g).float()
+    else:
+        k = torch.randn(HKV, CAP, D, generator=g)
+    return k, torch.randn(HKV, CAP, D, generator=g)
+
+
+def _exact(q, k, v, lo, hi):
+    """Exact partial of q [Hq, D] over positions [lo, hi) of k, v [Hkv, cap, D] (float64)."""
+    kk = k[:, lo:hi].double().repeat_interleave(G, 0)
+    logits = torch.einsum("hd,hnd->hn", q.double(), kk) * SCALE
+    lse = torch.logsumexp(logits, -1)
+    return torch.einsum("hn,hnd->hd", torch.softmax(logits, -1), v[:, lo:hi].double().repeat_interleave(G, 0)), lse
+
+
+def _worker(k, l, seed=1, integer=False):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randint(-2, 3, (D, k * l), generator=g).float() if integer else torch.randn(D, k * l, generator=g)
+    return LSHWorker({LAYER: r.numpy()}, k, l, SCALE), r
+
+
+def test_attend_matches_the_kernel_references():
+    k_bits, l_tables, lo, hi = 3, 12, 16, 16 + 64  # 64 offloaded rows: their mean is dyadic
+    keys, values = _host(integer=True)
+    worker, r = _worker(k_bits, l_tables, integer=True)
+    worker.build(7, LAYER, keys, values, lo, hi)
+    q = torch.randn(HKV * G, D, generator=torch.Generator().manual_seed(3))
+    q_codes = simhash_reference(q, r, k_bits, l_tables)
+    out, lse = worker.attend(7, LAYER, q, q_codes.to(torch.int32))
+    n_sampled = 0
+    for h in range(HKV * G):
+        kv = h // G
+        mean = keys[kv, lo:hi].double().mean(0)
+        codes = simhash_reference(keys[kv, lo:hi], r, k_bits, l_tables, center=mean)
+        cand = probe_reference(codes, q_codes[h], 0, hi - lo) + lo
+        n_sampled += len(cand)
+        ref_out, ref_lse = sampled_attention_reference(q[h], keys[kv], values[kv], mean, cand, k_bits,
+                                                       l_tables, SCALE)
+        torch.testing.assert_close(out[h].double(), ref_out, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(lse[h].double(), ref_lse, atol=1e-5, rtol=1e-5)
+    assert 0 < n_sampled < HKV * G * (hi - lo)  # a real sample, neither nothing nor all
+    assert worker.keys_read == n_sampled and worker.keys_offloaded == HKV * G * (hi - lo)
+
+
+@pytest.mark.parametrize("tail", [0, 24])
+def test_zero_bits_sample_every_key_and_the_tail_is_exact(tail):
+    # K=0: every key shares bucket 0 of every table, w = 1: exact attention (lse short by
+    # log(1 + 1e-4), the estimator's floor); tokens offloaded after the build are exact too
+    keys, values = _host()
+    worker, _ = _worker(0, 2)
+    lo, hi = 16, 100
+    worker.build(0, LAYER, keys, values, lo, hi)
+    q = torch.randn(HKV * G, D, generator=torch.Generator().manual_seed(5))
+    codes = torch.zeros(HKV * G, 2, dtype=torch.uint16)
+    out, lse = worker.attend(0, LAYER, q, codes, hi + tail)
+    ref_out, ref_lse = _exact(q, keys, values, lo, hi + tail)
+    # merged with the exact tail, the sampled part weighs 1e-4 too little (the floor)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-4, rtol=1e-4)
+    # the sampled part's lse is short by log(1 + 1e-4); the merged one by less
+    assert ((ref_lse - lse.double()) >= -1e-5).all() and ((ref_lse - lse.double()) <= 1.1e-4).all()
+    assert worker.keys_read == worker.keys_offloaded == HKV * G * (hi + tail - lo)
+
+
+def test_a_dominant_tail_key_is_not_lost():
+    # the tables sample almost nothing (16 bits, 2 tables); a key offloaded after the build
+    # that matches the query strongly must take over the output
+    keys, values = _host()
+    worker, r = _worker(16, 2)
+    worker.build(0, LAYER, keys, values, 16, 96)
+    q = torch.randn(HKV * G, D, generator=torch.Generator().manual_seed(5))
+    keys[:, 100] = q[::G] * 10.0  # written in place: the worker reads the host tier as is
+    out, _ = worker.attend(0, LAYER, q, simhash_reference(q, r, 16, 2).to(torch.int32), 112)
+    for h in range(0, HKV * G, G):  # the first query head of each group matches the key
+        torch.testing.assert_close(out[h], values[h // G, 100], atol=1e-3, rtol=1e-3)
+
+
+def test_state_reads_the_host_tier_in_place_and_release_frees_it():
+    keys, values = _host()
+    worker, _ = _worker(4, 8)
+    worker.build(3, LAYER, keys, values, 16, 144)
+    worker.build(4, LAYER, keys, values, 16, 80)
+    st = worker.state[(3, LAYER)]
+    assert np.shares_memory(st.keys, keys.numpy()) and np.shares_memory(st.values, values.numpy())
+    per_key = 4 * 8  # int32 id in each of L tables
+    offsets = 4 * 8 * (2**4 + 1)
+    expected = HKV * (per_key * 144 + offsets + 4 * 144 + 4 * D)  # tables, norms, mean
+    assert worker.table_bytes(3) == {LAYER: expected}
+    assert worker.table_bytes()[LAYER] > expected
+    worker.release(3)
+    assert worker.table_bytes(3) == {LAYER: 0} and worker.has(4, LAYER)
+    with pytest.raises(ValueError, match="no LSH tables"):
+        worker.attend(3, LAYER, torch.zeros(HKV * G, D), torch.zeros(HKV * G, 8, dtype=torch.int32))
+
+
+def test_an_older_build_does_not_replace_a_newer_one():
+    keys, values = _host()
+    worker, _ = _worker(4, 8)
+    worker.build(0, LAYER, keys, values, 16, 128)
+    worker.build(0, LAYER, keys, values, 16, 64)
+    assert worker.state[(0, LAYER)].hi == 128
+
+
+def test_nothing_offloaded_gives_an_empty_partial():
+    keys, values = _host()
+    worker, _ = _worker(4, 8)
+    worker.build(0, LAYER, keys, values, 16, 16)
+    out, lse = worker.attend(0, LAYER, torch.ones(HKV * G, D), torch.zeros(HKV * G, 8, dtype=torch.int32))
+    assert (out == 0).all() and (lse == -math.inf).all()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: LSHWorker({}, 17, 8, 1.0), "k"),
+    (lambda: LSHWorker({}, 4, 1, 1.0), "l"),
+    (lambda: LSHWorker({0: np.zeros((D, 5), np.float32)}, 4, 8, 1.0), "K\\*L"),
+])
+def test_bad_parameters(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_calls():
+    keys, values = _host()
+    worker, _ = _worker(4, 8)
+    with pytest.raises(ValueError, match="not served"):
+        worker.build(0, LAYER + 1, keys, values, 16, 64)
+    with pytest.raises(ValueError, match="capacity"):
+        worker.build(0, LAYER, keys, values, 16, CAP + 1)
+    with pytest.raises(TypeError, match="float32"):
+        worker.build(0, LAYER, keys.double(), values.double(), 16, 64)
+    worker.build(0, LAYER, keys, values, 16, 64)
+    with pytest.raises(ValueError, match="n_offloaded_hi"):
+        worker.attend(0, LAYER, torch.zeros(HKV * G, D), torch.zeros(HKV * G, 8, dtype=torch.int32), 32)
