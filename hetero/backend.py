@@ -1,0 +1,100 @@
+"""What the core asks of an execution backend: CPU attention over the offloaded KV.
+
+The core (policies, engine) never imports ``orchestrator/``; it talks to this interface,
+which an orchestrator backend implements (``orchestrator.local.LocalBackend``: a thread pool
+in this process; later a Ray backend with actors). The facade (``hetero.llm``) creates the
+backend by name and hands it to the policy with ``Policy.bind``.
+
+Calls are asynchronous: ``submit_*`` return a future at once, so the device computes its
+share of a layer's attention (the resident set) while a CPU worker computes the offloaded
+share; the two ``(out, lse)`` partials merge exactly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+from torch import Tensor
+
+
+class Future(Protocol):
+    """The part of ``concurrent.futures.Future`` the core uses."""
+
+    def result(self, timeout: float | None = None) -> Any: ...
+
+    def done(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LSHSpec:
+    """What CPU workers need to hash keys and sample them (MagicPIG).
+
+    Attributes
+    ----------
+    k, l : bits per table and number of tables.
+    scale : softmax scale (``head_dim ** -0.5``).
+    projections : layer -> ``R`` [D, K*L] float32, the random Gaussian projection of the
+        layer; only the layers listed are served (the sparse ones).
+    """
+
+    k: int
+    l: int
+    scale: float
+    projections: dict[int, np.ndarray]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.projections)
+
+
+class CPUBackend(ABC):
+    """Runs CPU workers that hold LSH tables over the host tier and attend over it."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def start_lsh(self, spec: LSHSpec) -> None:
+        """Create the workers that serve ``spec.layers`` (drops any earlier ones)."""
+
+    @abstractmethod
+    def submit_build(
+        self, seq_id: int, layer: int, keys: Tensor, values: Tensor, lo: int, hi: int
+    ) -> Future:
+        """Build (or rebuild) the tables of one layer of ``seq_id`` over key positions
+        ``[lo, hi)``.
+
+        ``keys``, ``values`` are the layer's host tier, ``[Hkv, capacity, D]`` float32 CPU
+        tensors indexed by token position; workers read them in place (no copy) and keep
+        reading them as later positions are offloaded. The future's result is None.
+        """
+
+    @abstractmethod
+    def submit_attend(self, seq_id: int, layer: int, q: Tensor, q_codes: Tensor, hi: int) -> Future:
+        """Attention of ``q`` [Hq, D] (float32, CPU) with codes ``q_codes`` [Hq, L] over the
+        offloaded positions ``[lo, hi)`` of one layer: sampled where the tables reach, exact
+        beyond. The future's result is ``(out [Hq, D] float32, lse [Hq] float32)``, CPU
+        tensors (``lse = -inf`` and ``out = 0`` where nothing is offloaded).
+
+        Waits for the layer's first build if it is still running.
+        """
+
+    @abstractmethod
+    def release(self, seq_id: int) -> None:
+        """Drop every table of ``seq_id`` (after its pending builds finish)."""
+
+    @abstractmethod
+    def table_bytes(self, seq_id: int | None = None) -> dict[int, int]:
+        """Bytes of LSH state (tables, key norms, centres) per layer, of one sequence or
+        of all."""
+
+    @abstractmethod
+    def key_counts(self) -> tuple[int, int]:
+        """Keys read by the workers' attention calls (sampled candidates and exact tail),
+        and offloaded keys they could have read; both summed over query heads and calls
+        since the backend started."""
+
+    def close(self) -> None:
+        """Stop the workers; the backend may not be used afterwards."""
