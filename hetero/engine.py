@@ -82,6 +82,8 @@ class Engine:
                 outs.append(model.logits(hidden[-1:])[0])
             if progress is not None:
                 progress(n)
+        if not score:
+            self.policy.on_prefill_done(store, seq_id)
         return torch.cat(outs) if score else outs[0]
 
     @torch.inference_mode()
@@ -113,6 +115,11 @@ class Engine:
         for s in seq_ids:
             self._evict(s)
         return self.model.logits(hidden)
+
+    def release(self, seq_id: int) -> None:
+        """Free a sequence: the policy's state of it, then its KV."""
+        self.policy.on_release(seq_id)
+        self.store.release(seq_id)
 
     def _evict(self, seq_id: int) -> None:
         """Offload the pages of the sparse layers that left the local window."""

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from hetero.backend import CPUBackend
 from hetero.cache import KVStore, OutOfPages
 from hetero.device import Device, default_kv_budget, format_size, parse_size, resolve_device
 from hetero.engine import Engine
@@ -50,14 +51,15 @@ class LLM:
     dtype : "float32", "bfloat16", "float16" or a torch dtype; None picks float32 on CPU and
         bfloat16 on CUDA.
     policy : decode-attention policy: "dense" (exact; offloads and streams only when the KV
-        outgrows the budget), "streaming" (sinks + local window) or "quest" (page top-k);
-        ``policy_params`` are its parameters (``n_sink``, ``n_local``, ``dense_layers``,
-        ``token_budget`` for quest, ``stream_pages`` for dense).
+        outgrows the budget), "streaming" (sinks + local window), "quest" (page top-k) or
+        "magicpig" (LSH sampling by CPU workers); ``policy_params`` are its parameters
+        (``n_sink``, ``n_local``, ``dense_layers``, ``token_budget`` for quest, ``lsh_k``,
+        ``lsh_l``, ``seed`` for magicpig, ``stream_pages`` for dense).
     device_kv_budget : bytes (or "2GiB") of device memory for KV; None = a default share.
     page_size : tokens per KV page (a power of two).
     prefill_chunk : prompt tokens per prefill step.
     max_model_len : longest prompt + generation; None = the model's trained context.
-    backend : "local".
+    backend : "local" (CPU workers on a thread pool of ``os.cpu_count()`` threads).
     """
 
     def __init__(
@@ -96,6 +98,8 @@ class LLM:
         self.device = Device(dev)
         self.store = KVStore(self.config, self.device, self.dtype, page_size, budget)
         self.engine = Engine(self.model, self.store, self.policy, prefill_chunk)
+        self.backend = _make_backend(backend)
+        self.policy.bind(self.backend, self.store)
         self.eos_ids = set(self.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -143,16 +147,21 @@ class LLM:
         try:
             logprobs = self.engine.prefill(seq, ids, score=True)
         finally:
-            self.store.release(seq)
+            self.engine.release(seq)
         return LogprobsOutput(ids, logprobs.tolist())
 
     def memory_report(self) -> dict:
-        """Device KV budget, use and peak, host KV bytes, and cumulative link traffic."""
-        return asdict(self.store.memory_report())
+        """Device KV budget, use and peak, host KV bytes, cumulative link traffic, and the
+        CPU workers' LSH table bytes (in all and per layer) of the live sequences."""
+        per_layer = self.backend.table_bytes()
+        lsh = [per_layer.get(layer, 0) for layer in range(self.config.n_layers)]
+        return {**asdict(self.store.memory_report()), "lsh_table_bytes": sum(lsh),
+                "lsh_table_bytes_per_layer": lsh}
 
     def close(self) -> None:
         for seq in list(self.store.tables):
-            self.store.release(seq)
+            self.engine.release(seq)
+        self.backend.close()
 
     def __enter__(self) -> LLM:
         return self
@@ -209,7 +218,7 @@ class LLM:
                 )
         except ValueError:
             for r in reqs:
-                self.store.release(r.seq_id)
+                self.engine.release(r.seq_id)
             raise
         return reqs
 
@@ -263,7 +272,7 @@ class LLM:
                 bar.close()
             for r in reqs:
                 if r.finish_reason is None:  # interrupted: free its pages all the same
-                    self.store.release(r.seq_id)
+                    self.engine.release(r.seq_id)
 
     def _accept(self, r: _Request, token: int) -> None:
         if not r.output_ids:
@@ -287,7 +296,8 @@ class LLM:
 
     def _finish(self, r: _Request) -> Output:
         mem = self.store.memory_report()
-        self.store.release(r.seq_id)
+        lsh_bytes = sum(self.backend.table_bytes(r.seq_id).values())
+        self.engine.release(r.seq_id)
         now = self._snapshot()
         h2d, d2h, hits, misses = (a - b for a, b in zip(now, self._snap_start))
         h2d_dec, d2h_dec = (a - b for a, b in zip(now[:2], self._snap_decode[:2]))
@@ -306,8 +316,16 @@ class LLM:
             h2d_bytes_per_token=h2d_dec / max(self._decoded, 1),
             d2h_bytes_per_token=d2h_dec / max(self._decoded, 1),
             cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+            lsh_table_bytes=lsh_bytes,
         )
         return Output(r.detok.text, r.output_ids, r.finish_reason, stats)
+
+
+def _make_backend(name: str) -> CPUBackend:
+    """The execution backend for CPU workers, by name (validated in ``LLM.__init__``)."""
+    from orchestrator.local import LocalBackend
+
+    return {"local": LocalBackend}[name]()
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -23,6 +23,7 @@ class RequestStats:
     h2d_bytes_per_token: float
     d2h_bytes_per_token: float
     cache_hit_rate: float
+    lsh_table_bytes: int
 
 
 @dataclass(slots=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from hetero.policies.base import DecodeStep, Policy, pack_tables
 from hetero.policies.dense import DensePolicy
 from hetero.policies.exact import exact_attention
+from hetero.policies.magicpig import MagicPIGPolicy
 from hetero.policies.quest import QuestPolicy
 from hetero.policies.streaming import StreamingPolicy
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (DensePolicy, StreamingPolicy, QuestPolicy)
+    cls.name: cls for cls in (DensePolicy, StreamingPolicy, QuestPolicy, MagicPIGPolicy)
 }
 
 
@@ -23,6 +24,6 @@ def make_policy(name: str, **params) -> Policy:
 
 
 __all__ = [
-    "POLICIES", "DecodeStep", "DensePolicy", "Policy", "QuestPolicy", "StreamingPolicy",
+    "POLICIES", "DecodeStep", "DensePolicy", "MagicPIGPolicy", "Policy", "QuestPolicy", "StreamingPolicy",
     "exact_attention", "make_policy", "pack_tables",
 ]

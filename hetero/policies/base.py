@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hetero.cache import KVStore, SeqPages
+from hetero.backend import CPUBackend
+from hetero.cache import OFFLOADED, KVStore, SeqPages
 from hetero.config import ModelConfig
 
 
@@ -103,6 +104,17 @@ class Policy(ABC):
         staging = self.stream_pages  # exact attention streams one layer at a time
         return n_dense * n_pages + (cfg.n_layers - n_dense) * min(sparse, n_pages + 1) + staging
 
+    # -- lifecycle hooks (no-ops unless a policy keeps state outside the store) ---------
+
+    def bind(self, backend: CPUBackend, store: KVStore) -> None:
+        """Called once by the facade with the execution backend (CPU workers) and the store."""
+
+    def on_prefill_done(self, store: KVStore, seq_id: int) -> None:
+        """Called by the engine when a sequence's prompt is written (and offloaded)."""
+
+    def on_release(self, seq_id: int) -> None:
+        """Called by the engine before a sequence's KV is freed."""
+
     # -- attention -----------------------------------------------------------------------
 
     @abstractmethod
@@ -110,9 +122,11 @@ class Policy(ABC):
         """Attention output [B, Hq, D] for queries ``q`` [B, Hq, D] of one layer."""
 
     def resident_pages(self, table: SeqPages, layer: int) -> list[int]:
-        """Device pages of the resident set of one layer, in token order."""
-        pages = table.layers[layer]
-        return [pages[i] for i in self.resident(layer, table.n_tokens, table.page_size)]
+        """Device pages holding the tokens of one layer, in token order: the resident set,
+        and pages that left the window during this step (the engine offloads them after it),
+        so that with the offloaded pages ``[sink_pages, settled)`` they cover every token."""
+        n_pages = -(-table.n_tokens // table.page_size)
+        return [p for p in table.layers[layer][:n_pages] if p != OFFLOADED]
 
 
 def pack_tables(

@@ -44,6 +44,7 @@ def test_dense_offloaded_equals_dense_in_place(tiny_model_dir, reference):
     ("streaming", {"n_sink": 4, "n_local": 400}),
     ("quest", {"n_sink": 4, "n_local": 16, "token_budget": 4096, "dense_layers": 1}),
     ("quest", {"n_sink": 4, "n_local": 16, "token_budget": 4096, "dense_layers": 0}),
+    ("magicpig", {"n_sink": 4, "n_local": 16, "lsh_k": 0, "lsh_l": 2, "dense_layers": 0}),
 ])
 def test_sparse_policies_that_cover_everything_equal_dense(tiny_model_dir, reference, policy, params):
     ids, ref, _ = reference
@@ -51,12 +52,13 @@ def test_sparse_policies_that_cover_everything_equal_dense(tiny_model_dir, refer
     assert out.token_ids == ref.token_ids
 
 
-@pytest.mark.parametrize("policy", ["streaming", "quest"])
+@pytest.mark.parametrize("policy", ["streaming", "quest", "magicpig"])
 def test_sparse_policies_offload_and_stay_in_budget(tiny_model_dir, reference, policy):
     ids, _, _ = reference
     budget = 480 * KV_PER_TOKEN  # two sequences of 534 tokens in all
     llm = _llm(tiny_model_dir, policy, budget, n_sink=4, n_local=16,
-               **({"token_budget": 64, "dense_layers": 0} if policy == "quest" else {}), stream_pages=8)
+               **{"quest": {"token_budget": 64, "dense_layers": 0}, "magicpig": {"dense_layers": 0}}.get(policy, {}),
+               stream_pages=8)
     (out,) = llm.generate([ids, ids[:200]], GREEDY)[:1]
     s = out.stats
     assert len(out.token_ids) == 12 and s.device_kv_bytes_peak <= budget
@@ -91,5 +93,5 @@ def test_bad_policy_parameters(name, params, match):
 
 
 def test_every_policy_is_registered_by_its_name():
-    assert set(POLICIES) == {"dense", "streaming", "quest"}
+    assert set(POLICIES) == {"dense", "streaming", "quest", "magicpig"}
     assert all(cls.name == name for name, cls in POLICIES.items())

@@ -1,0 +1,151 @@
+"""MagicPIG (LSH sampling): the device attends over sinks + local window, a CPU worker
+samples the offloaded keys through SimHash tables and computes the importance-corrected
+rest; the two partials merge by LSE. See DESIGN.md, "MagicPIG", and ``cpu_kernels.lsh``.
+
+Per sparse layer (the first ``dense_layers`` stay exact on the device):
+
+- prefill end (``on_prefill_done``): the backend builds, per KV head, ``lsh_l`` tables of
+  ``lsh_k``-bit buckets over the offloaded keys centred by their mean, one layer per pool
+  task, while the device samples the first token and starts decoding;
+- decode: the device hashes the queries (``gpu_kernels.simhash_codes``, no centre: the
+  kernels' convention), ships q and codes to the worker, attends over its resident set
+  meanwhile, and merges the worker's ``(out, lse)``. Pages offloaded after the build are
+  attended exactly by the worker; once that tail outgrows the tables (``REBUILD_TAIL``
+  tokens and as many as the tables cover) the tables are rebuilt in the background.
+
+Defaults for head_dim 64: K=8, L=75. The paper's K=10, L=150 target head_dim 128; at
+head_dim 64 on SmolLM2-135M and 2k tokens of real text they sample ~1% of the keys, K=8,
+L=75 ~4% at a lower error than streaming or quest touching as many keys, and its tables
+cost 300 bytes per key and KV head against 512 bytes of fp32 K and V (the paper's: 600).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gpu_kernels import merge_partials, paged_decode_attention, simhash_codes
+from hetero.backend import CPUBackend, LSHSpec
+from hetero.cache import KVStore
+from hetero.policies.base import DecodeStep, Policy, pack_tables
+
+REBUILD_TAIL = 1024  # offloaded tokens past the tables before they are rebuilt (at least)
+
+
+@dataclass(slots=True)
+class MagicPIGPolicy(Policy):
+    """``lsh_k`` bits per table (0..16; 0 samples every key), ``lsh_l`` tables (>= 2),
+    ``seed`` of the per-layer random projections ``R`` [head_dim, K*L]."""
+
+    name = "magicpig"
+    lsh_k: int = 8
+    lsh_l: int = 75
+    n_sink: int = 4
+    n_local: int = 64
+    dense_layers: int = 2
+    seed: int = 0
+    _backend: CPUBackend | None = field(default=None, init=False, repr=False)
+    _proj: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)  # device R
+    _built: dict[int, int] = field(default_factory=dict, init=False, repr=False)  # seq -> hi
+
+    def __post_init__(self):
+        Policy.__post_init__(self)
+        for name in ("lsh_k", "lsh_l", "seed"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"magicpig: {name} must be an integer, got {getattr(self, name)!r}")
+        if self.seed < 0:
+            raise ValueError(f"magicpig: seed must be >= 0, got {self.seed}")
+        if not 0 <= self.lsh_k <= 16:
+            raise ValueError(f"magicpig: lsh_k (bits per table) must be in [0, 16], got {self.lsh_k}")
+        if self.lsh_l < 2:
+            raise ValueError(f"magicpig: lsh_l (tables) must be >= 2: a key is sampled when it collides "
+                             f"in 2 of them, got {self.lsh_l}")
+
+    # -- set-up and lifecycle ------------------------------------------------------------
+
+    def bind(self, backend: CPUBackend, store: KVStore) -> None:
+        if store.dtype != torch.float32:
+            raise ValueError(f"magicpig needs float32 KV (dtype='float32'), got {store.dtype}: the CPU "
+                             f"workers read the host tier in place and have no half-precision path")
+        cfg = store.cfg
+        d, kl = cfg.head_dim, self.lsh_k * self.lsh_l
+        proj = {layer: np.random.default_rng([self.seed, layer]).standard_normal((d, kl), dtype=np.float32)
+                for layer in range(self.dense_layers, cfg.n_layers)}
+        self._proj = {layer: torch.from_numpy(r).to(store.device.device) for layer, r in proj.items()}
+        self._backend, self._built = backend, {}
+        backend.start_lsh(LSHSpec(self.lsh_k, self.lsh_l, cfg.head_dim**-0.5, proj))
+
+    def on_prefill_done(self, store: KVStore, seq_id: int) -> None:
+        if store.tables[seq_id].offload:
+            self._build(store, seq_id)
+
+    def on_release(self, seq_id: int) -> None:
+        if self._built.pop(seq_id, None) is not None:
+            self._backend.release(seq_id)
+
+    def _build(self, store: KVStore, seq_id: int) -> None:
+        """Submit a (re)build of every sparse layer's tables over the offloaded tokens."""
+        if self._backend is None:
+            raise ValueError("magicpig needs a CPU backend: create it through LLM(...), or call "
+                             "policy.bind(backend, store) first")
+        ps = store.page_size
+        lo, hi = self.sink_pages(ps) * ps, max(store.tables[seq_id].settled, self.sink_pages(ps)) * ps
+        hk, hv = store.host[seq_id]
+        for layer in self._proj:
+            self._backend.submit_build(seq_id, layer, hk[layer], hv[layer], lo, hi)
+        self._built[seq_id] = hi
+
+    # -- decode --------------------------------------------------------------------------
+
+    def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
+        store = step.store
+        ps, hkv, device = store.page_size, store.cfg.n_kv_heads, store.device
+        tables = [store.tables[s] for s in step.seq_ids]
+        lo = self.sink_pages(ps) * ps
+        # sequences with offloaded tokens in this layer: the engine offloads [lo, settled*ps)
+        cpu = [b for b, t in enumerate(tables)
+               if layer >= self.dense_layers and t.offload and t.settled * ps > lo]
+        futures = []
+        if cpu:
+            if self._backend is None:
+                raise ValueError("magicpig needs a CPU backend: create it through LLM(...), or call "
+                                 "policy.bind(backend, store) first")
+            if layer == min(self._proj):
+                for b in cpu:
+                    self._maybe_rebuild(store, step.seq_ids[b])
+            sel = q[cpu]
+            codes = simhash_codes(sel, self._proj[layer], self.lsh_k, self.lsh_l)  # [n, Hq, L]
+            q_host = torch.empty(sel.shape, dtype=torch.float32)
+            codes_host = torch.empty(codes.shape, dtype=codes.dtype)
+            device.to_host(q_host, sel)
+            device.to_host(codes_host, codes)
+            futures = [self._backend.submit_attend(step.seq_ids[b], layer, q_host[i], codes_host[i],
+                                                   tables[b].settled * ps)
+                       for i, b in enumerate(cpu)]
+        # meanwhile, the resident set (everything, for dense layers) on the device
+        rows = [[self.resident_pages(t, layer)] * hkv for t in tables]
+        bt, lens = pack_tables(rows, [t.n_tokens for t in tables], ps, q.device)
+        out, lse = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps)
+        if not futures:
+            return out
+        cpu_out = torch.zeros_like(out)
+        cpu_lse = torch.full_like(lse, float("-inf"))
+        for b, f in zip(cpu, futures):
+            o, s = f.result()
+            device.to_device(cpu_out[b], o)
+            device.to_device(cpu_lse[b], s)
+        return merge_partials((out, lse), (cpu_out, cpu_lse))[0]
+
+    def _maybe_rebuild(self, store: KVStore, seq_id: int) -> None:
+        """Rebuild a sequence's tables once the exactly attended tail outgrows them."""
+        built = self._built.get(seq_id)
+        if built is None:  # offloaded after a prefill that offloaded nothing
+            self._build(store, seq_id)
+            return
+        ps = store.page_size
+        tail = store.tables[seq_id].settled * ps - built
+        if tail >= max(REBUILD_TAIL, built - self.sink_pages(ps) * ps):
+            self._build(store, seq_id)

@@ -1,0 +1,100 @@
+"""MagicPIG end to end: on the tiny model, sampling every key (lsh_k=0) equals dense, the
+tokens offloaded while decoding are attended, tables are freed with their sequence; on the
+embedded model, a needle is found as dense finds it and the attention error is below
+streaming's at the same fraction of keys touched."""
+
+import pytest
+import torch
+
+import hetero.policies.magicpig as magicpig
+from bench.probe import attention_error
+from hetero import LLM, SamplingParams
+from hetero.policies import POLICIES, make_policy
+
+TEXT = open("/usr/share/common-licenses/Apache-2.0").read()[:1500]
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+def _tiny(path, policy="magicpig", **params):
+    return LLM(path, device="cpu", page_size=4, prefill_chunk=32, policy=policy,
+               policy_params=params, device_kv_budget="8MiB")
+
+
+@pytest.fixture(scope="module")
+def tiny_ids(tiny_model_dir):
+    return _tiny(tiny_model_dir, "dense").tokenizer(TEXT)["input_ids"][:300]
+
+
+@pytest.fixture(scope="module")
+def dense_tokens(tiny_model_dir, tiny_ids):
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    return _tiny(tiny_model_dir, "dense").generate(tiny_ids, params)[0].token_ids
+
+
+def test_registered_with_defaults():
+    assert POLICIES["magicpig"].name == "magicpig"
+    p = make_policy("magicpig")
+    assert (p.lsh_k, p.lsh_l, p.n_sink, p.n_local, p.dense_layers) == (8, 75, 4, 64, 2)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"lsh_k": 17}, "lsh_k"), ({"lsh_k": -1}, "lsh_k"), ({"lsh_l": 1}, "lsh_l"),
+    ({"seed": -2}, "seed"), ({"lsh_k": 2.5}, "lsh_k"), ({"token_budget": 64}, "token_budget"),
+])
+def test_bad_parameters(params, match):
+    with pytest.raises(ValueError, match=match):
+        make_policy("magicpig", **params)
+
+
+def test_zero_bits_equal_dense_with_the_decode_tail(tiny_model_dir, tiny_ids, dense_tokens):
+    # every key collides with K=0: the sampled attention is exact; 40 decode steps offload
+    # 10 pages after the tables were built, which the worker attends exactly
+    llm = _tiny(tiny_model_dir, lsh_k=0, lsh_l=2, n_sink=4, n_local=16, dense_layers=0)
+    (out,) = llm.generate(tiny_ids, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    assert out.token_ids == dense_tokens
+    read, offloaded = llm.backend.key_counts()
+    assert read == offloaded > 0  # every offloaded key, the tail included, was read
+    assert out.stats.lsh_table_bytes > 0 and out.stats.d2h_bytes > 0
+    rep = llm.memory_report()
+    assert rep["lsh_table_bytes"] == 0 and rep["lsh_table_bytes_per_layer"] == [0, 0]
+    assert llm.store.allocator.n_used == 0
+
+
+def test_zero_bits_attention_error_is_nil(tiny_model_dir, tiny_ids):
+    llm = _tiny(tiny_model_dir, lsh_k=0, lsh_l=2, n_sink=4, n_local=16, dense_layers=0)
+    assert attention_error(llm, tiny_ids, n_decode=4) < 1e-3  # the estimator's 1e-4 floor
+
+
+def test_tables_are_rebuilt_when_the_tail_grows(tiny_model_dir, tiny_ids, dense_tokens, monkeypatch):
+    monkeypatch.setattr(magicpig, "REBUILD_TAIL", 8)
+    llm = _tiny(tiny_model_dir, lsh_k=0, lsh_l=2, n_sink=4, n_local=16, dense_layers=1)
+    builds = []
+    submit = llm.backend.submit_build
+    llm.backend.submit_build = lambda *a: builds.append(a[1:2] + a[4:]) or submit(*a)
+    # a prompt that offloads nothing at prefill: every offloaded token comes while decoding
+    ids = tiny_ids[:20]
+    (out,) = llm.generate(ids, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    (ref,) = _tiny(tiny_model_dir, "dense").generate(ids, SamplingParams(max_new_tokens=40, ignore_eos=True))
+    assert out.token_ids == ref.token_ids
+    his = [hi for layer, lo, hi in builds]
+    assert his[0] == 4 and len(set(his)) >= 3 and all(layer == 1 for layer, _, _ in builds)
+
+
+def test_sampling_reads_a_fraction_of_the_keys(tiny_model_dir, tiny_ids):
+    llm = _tiny(tiny_model_dir, lsh_k=4, lsh_l=10, n_sink=4, n_local=16, dense_layers=0)
+    (out,) = llm.generate(tiny_ids, GREEDY)
+    read, offloaded = llm.backend.key_counts()
+    assert 0 < read < offloaded and len(out.token_ids) == 12
+
+
+def test_half_precision_kv_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="float32"):
+        LLM(tiny_model_dir, device="cpu", dtype="bfloat16", policy="magicpig", device_kv_budget="8MiB")
+
+
+def test_policy_without_a_backend_is_a_clear_error(tiny_model_dir, tiny_ids):
+    llm = _tiny(tiny_model_dir, n_local=16, dense_layers=0)
+    llm.policy._backend = None
+    with pytest.raises(ValueError, match="backend"):
+        llm.generate(tiny_ids, GREEDY)
+    assert llm.store.allocator.n_used == 0
