@@ -21,11 +21,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
-    p.add_argument("--policy", default="dense", help="dense | streaming | quest (default: dense)")
+    p.add_argument("--policy", default="dense", help="dense | streaming | quest | magicpig (default: dense)")
     p.add_argument("--device-kv-budget", default=None, metavar="SIZE", help="device KV memory, e.g. 64MiB, 2GiB or bytes")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (power of two)")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill step")
     p.add_argument("--token-budget", type=int, default=None, help="quest: tokens attended per step")
+    p.add_argument("--lsh-k", type=int, default=None, help="magicpig: SimHash bits per table (default 8)")
+    p.add_argument("--lsh-l", type=int, default=None, help="magicpig: hash tables (default 75)")
     p.add_argument("--n-sink", type=int, default=None, help="attention-sink tokens kept on the device")
     p.add_argument("--n-local", type=int, default=None, help="local-window tokens kept on the device")
     p.add_argument("--dense-layers", type=int, default=None, help="first layers kept exact (sparse policies)")
@@ -66,7 +68,7 @@ def _make_llm(args):
 
     if args.backend != "local":
         raise ValueError(f"backend {args.backend!r} is not available yet: use --backend local")
-    names = ("token_budget", "n_sink", "n_local", "dense_layers")
+    names = ("token_budget", "lsh_k", "lsh_l", "n_sink", "n_local", "dense_layers")
     params = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     return LLM(
         model=args.model, device=args.device, dtype=args.dtype, policy=args.policy,
@@ -103,7 +105,8 @@ def _generate(args) -> None:
         f"{format_size(s.device_kv_bytes_peak)} of {format_size(s.device_kv_budget)}; "
         f"host KV {format_size(s.host_kv_bytes)}; h2d {format_size(s.h2d_bytes)}, "
         f"d2h {format_size(s.d2h_bytes)}; per decoded token h2d "
-        f"{format_size(int(s.h2d_bytes_per_token))}; page-cache hits {s.cache_hit_rate:.0%}]",
+        f"{format_size(int(s.h2d_bytes_per_token))}; page-cache hits {s.cache_hit_rate:.0%}"
+        + (f"; LSH tables {format_size(s.lsh_table_bytes)}" if s.lsh_table_bytes else "") + "]",
         file=sys.stderr,
     )
 

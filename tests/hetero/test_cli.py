@@ -6,7 +6,7 @@ from hetero.cli import main
 
 STATS = {"prompt_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s",
          "device_kv_bytes_peak", "device_kv_budget", "host_kv_bytes", "h2d_bytes", "d2h_bytes",
-         "h2d_bytes_per_token", "d2h_bytes_per_token", "cache_hit_rate"}
+         "h2d_bytes_per_token", "d2h_bytes_per_token", "cache_hit_rate", "lsh_table_bytes"}
 
 
 def test_generate_json_is_one_object_on_stdout(tiny_model_dir, tmp_path, capsys):
@@ -61,6 +61,19 @@ def test_quest_flags_reach_the_policy(tiny_model_dir, capsys):
     assert main(["generate", "--model", tiny_model_dir, "--prompt", "x", "--policy", "quest",
                  "--token-budget", "8"]) == 2
     assert "token_budget" in capsys.readouterr().err
+
+
+def test_magicpig_flags_reach_the_policy(tiny_model_dir, capsys):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 20
+    code = main(["generate", "--model", tiny_model_dir, "--prompt", prompt, "--policy", "magicpig",
+                 "--lsh-k", "4", "--lsh-l", "6", "--n-local", "16", "--dense-layers", "0",
+                 "--page-size", "8", "--prefill-chunk", "64", "--max-new-tokens", "4", "--json"])
+    assert code == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["lsh_table_bytes"] > 0 and stats["d2h_bytes"] > 0
+    assert main(["generate", "--model", tiny_model_dir, "--prompt", "x", "--policy", "magicpig",
+                 "--lsh-l", "1"]) == 2
+    assert "lsh_l" in capsys.readouterr().err
 
 
 def test_missing_model_path(capsys):
