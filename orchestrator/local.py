@@ -4,7 +4,8 @@ The device thread submits a layer's CPU attention and goes on with the resident-
 attention of the same layer; the numba kernels release the GIL, so the two overlap.
 Table builds at the end of prefill are submitted for every sparse layer at once and run
 while the device samples the first token and starts decoding (a layer's first attention
-waits for that layer's build only).
+waits for that layer's build only). Builds have their own pool, so an attention call
+never queues behind a build (rebuilds while decoding run in the background).
 
 Each pool thread runs numba with one thread (``numba.set_num_threads`` is per calling
 thread): parallelism comes from the pool, and on cores shared with the device's torch
@@ -27,6 +28,10 @@ def _one_numba_thread() -> None:
     numba.set_num_threads(1)
 
 
+def _new_pool(n: int, name: str) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(n, thread_name_prefix=name, initializer=_one_numba_thread)
+
+
 class LocalBackend(CPUBackend):
     """Workers sharded by layer (layer ``i``-th of the served ones -> worker ``i % n``), one
     per pool thread; any thread may run any worker's call.
@@ -43,17 +48,25 @@ class LocalBackend(CPUBackend):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n_threads must be an integer >= 1, got {n_threads!r}")
         self.n_threads = n
-        self._pool: ThreadPoolExecutor | None = None  # threads start on first use
+        self._pool: ThreadPoolExecutor | None = None  # attention; threads start on first use
+        self._build_pool: ThreadPoolExecutor | None = None
         self._workers: list[LSHWorker] = []
         self._owner: dict[int, LSHWorker] = {}
         self._builds: dict[tuple[int, int], Future] = {}  # latest build of (seq, layer)
 
     @property
     def pool(self) -> ThreadPoolExecutor:
+        """Threads running attention calls."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="hetero-cpu",
-                                            initializer=_one_numba_thread)
+            self._pool = _new_pool(self.n_threads, "hetero-attend")
         return self._pool
+
+    @property
+    def build_pool(self) -> ThreadPoolExecutor:
+        """Threads running table builds."""
+        if self._build_pool is None:
+            self._build_pool = _new_pool(self.n_threads, "hetero-build")
+        return self._build_pool
 
     def start_lsh(self, spec: LSHSpec) -> None:
         self._wait_builds()
@@ -65,7 +78,7 @@ class LocalBackend(CPUBackend):
 
     def submit_build(self, seq_id: int, layer: int, keys: Tensor, values: Tensor, lo: int, hi: int) -> Future:
         worker = self._worker(layer)
-        future = self.pool.submit(worker.build, seq_id, layer, keys, values, lo, hi)
+        future = self.build_pool.submit(worker.build, seq_id, layer, keys, values, lo, hi)
         self._builds[(seq_id, layer)] = future
         return future
 
@@ -96,9 +109,10 @@ class LocalBackend(CPUBackend):
 
     def close(self) -> None:
         self._wait_builds()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._build_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._build_pool = None
 
     def _worker(self, layer: int) -> LSHWorker:
         if layer not in self._owner:

@@ -10,8 +10,8 @@ Per sparse layer (the first ``dense_layers`` stay exact on the device):
 - decode: the device hashes the queries (``gpu_kernels.simhash_codes``, no centre: the
   kernels' convention), ships q and codes to the worker, attends over its resident set
   meanwhile, and merges the worker's ``(out, lse)``. Pages offloaded after the build are
-  attended exactly by the worker; once that tail outgrows the tables (``REBUILD_TAIL``
-  tokens and as many as the tables cover) the tables are rebuilt in the background.
+  attended exactly by the worker; once that tail reaches ``REBUILD_TAIL`` tokens the tables
+  are rebuilt in the background.
 
 Defaults for head_dim 64: K=8, L=75. The paper's K=10, L=150 target head_dim 128; at
 head_dim 64 on SmolLM2-135M and 2k tokens of real text they sample ~1% of the keys, K=8,
@@ -32,7 +32,10 @@ from hetero.backend import CPUBackend, LSHSpec
 from hetero.cache import KVStore
 from hetero.policies.base import DecodeStep, Policy, pack_tables
 
-REBUILD_TAIL = 1024  # offloaded tokens past the tables before they are rebuilt (at least)
+# Offloaded tokens past the tables (attended exactly) before they are rebuilt: the exact
+# tail then costs about what the sample of a few thousand keys does, and a rebuild (tens of
+# ms per layer at 16k tokens, in the background) comes every REBUILD_TAIL steps.
+REBUILD_TAIL = 512
 
 
 @dataclass(slots=True)
@@ -145,7 +148,5 @@ class MagicPIGPolicy(Policy):
         if built is None:  # offloaded after a prefill that offloaded nothing
             self._build(store, seq_id)
             return
-        ps = store.page_size
-        tail = store.tables[seq_id].settled * ps - built
-        if tail >= max(REBUILD_TAIL, built - self.sink_pages(ps) * ps):
+        if store.tables[seq_id].settled * store.page_size - built >= REBUILD_TAIL:
             self._build(store, seq_id)

@@ -49,6 +49,7 @@ def test_two_calls_run_concurrently_and_the_submitter_goes_on(backend, monkeypat
 
 def test_pool_threads_run_numba_with_one_thread(backend):
     assert backend.pool.submit(numba.get_num_threads).result() == 1
+    assert backend.build_pool.submit(numba.get_num_threads).result() == 1
 
 
 def test_attend_follows_build_and_release_frees(backend):
@@ -85,3 +86,21 @@ def test_a_failed_build_surfaces_at_attend(backend):
 def test_bad_pool_size(n):
     with pytest.raises(ValueError, match="n_threads"):
         LocalBackend(n_threads=n)
+
+
+def test_attend_does_not_queue_behind_a_build(monkeypatch):
+    backend = LocalBackend(n_threads=1)  # one thread per pool: a shared pool would deadlock
+    backend.start_lsh(_spec())
+    k, v = _host()
+    backend.submit_build(0, 3, k, v, 16, 64).result()
+    release = threading.Event()
+    real_build = LSHWorker.build
+    monkeypatch.setattr(LSHWorker, "build", lambda self, *a: release.wait(30) and real_build(self, *a))
+    try:
+        backend.submit_build(0, 2, k, v, 16, 64)  # held until `release`
+        codes = torch.zeros(HKV * G, L, dtype=torch.int32)
+        out, _ = backend.submit_attend(0, 3, torch.randn(HKV * G, D), codes, 64).result(timeout=30)
+        assert out.shape == (HKV * G, D)
+    finally:
+        release.set()
+        backend.close()
