@@ -41,6 +41,7 @@ class PageAllocator:
 
     def allocate(self, n: int) -> list[int]:
         """``n`` page ids, contiguous if such a run is free; raises :class:`OutOfPages`."""
+        assert n >= 0, f"cannot allocate {n} pages"
         if n > len(self._free):
             raise OutOfPages(f"need {n} pages, {len(self._free)} of {self.n_pages} are free")
         free = self._free

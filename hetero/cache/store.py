@@ -170,9 +170,10 @@ class KVStore:
         for i in page_idx:
             if i in cache:
                 cache.move_to_end(i)
-        n_new = max(0, len(cache) + len(missing) - capacity)
-        victims = [i for i in cache if i not in wanted][:n_new]
-        reuse = [cache.pop(i) for i in victims]
+        n_evict = max(0, len(cache) + len(missing) - capacity)
+        freed = [cache.pop(i) for i in [i for i in cache if i not in wanted][:n_evict]]
+        reuse = freed[: len(missing)]
+        self.allocator.free(freed[len(missing) :])  # the cache shrank to a smaller capacity
         pages = reuse + self.allocator.allocate(len(missing) - len(reuse))
         if missing:
             hk, hv = self.host[seq_id]

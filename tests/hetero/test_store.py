@@ -113,3 +113,14 @@ def test_parse_size(text, n):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_fetch_with_a_smaller_capacity_shrinks_the_cache():
+    store = _store(pages=32)
+    _fill(store, 0, 32)  # 8 pages per layer
+    store.offload(0, 0, [1, 2, 3, 4, 5])
+    store.fetch(0, 0, [1, 2, 3, 4], capacity=4)
+    used = store.allocator.n_used
+    store.fetch(0, 0, [5], capacity=2)  # e.g. exact attention streaming through a quest cache
+    assert list(store.tables[0].cache[0]) == [4, 5]  # the most recent, within capacity
+    assert store.allocator.n_used == used - 2
