@@ -69,6 +69,9 @@ def status(name: str) -> PeerStatus:
     if name not in PEERS:
         raise ValueError(f"unknown peer {name!r}; known: hf, {', '.join(PEERS)}")
     venv, failed = peers_dir() / name, peers_dir() / f"{name}.failed"
+    if (pid := _builder(name)) is not None:
+        return PeerStatus(name, "missing", f"being set up by process {pid} (see "
+                          f"{peers_dir() / (name + '-setup.log')})")
     if failed.is_file():
         return PeerStatus(name, "failed", failed.read_text().strip())
     ok = venv / ".bench-ok"
@@ -90,9 +93,29 @@ def setup(name: str, force: bool = False) -> PeerStatus:
         shutil.rmtree(venv, ignore_errors=True)
         failed.unlink(missing_ok=True)
     current = status(name)
-    if current.state != "missing":
+    if current.state != "missing" or _builder(name) is not None:
         return current
     root.mkdir(parents=True, exist_ok=True)
+    marker = root / f"{name}.building"
+    marker.write_text(str(os.getpid()))
+    try:
+        return _install(spec, root, venv)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _builder(name: str) -> int | None:
+    """Pid of a live process setting the peer up, if any."""
+    try:
+        pid = int((peers_dir() / f"{name}.building").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return None if pid == os.getpid() else pid
+
+
+def _install(spec: PeerSpec, root: Path, venv: Path) -> PeerStatus:
+    name = spec.name
     log_path = root / f"{name}-setup.log"
     py = venv / "bin" / "python"
     env = {**os.environ, **dict(spec.build_env)}
@@ -147,7 +170,8 @@ def run_worker(python: str, script: str, job: dict, timeout_s: float,
 
     The worker's stderr is appended to ``log_path`` (or discarded).
     """
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "TRANSFORMERS_VERBOSITY": "error"}
     log = open(log_path, "a") if log_path else subprocess.DEVNULL
     try:
         proc = subprocess.run([python, str(WORKERS / script)], input=json.dumps(job), text=True,

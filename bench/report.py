@@ -52,6 +52,14 @@ def _err_or(row: dict | None, text: str) -> str:
     return "error" if "error" in row else text
 
 
+def _load_warning(m: dict) -> str:
+    load = m.get("load_average_1m")
+    if load is None or load <= m["threads"] + 0.5:
+        return ""
+    return (f" **The machine was busy when the run started (1-minute load {load:.1f} on "
+            f"{m['logical_cpus']} CPUs): timings are skewed by other work.**")
+
+
 # -- sections ------------------------------------------------------------------------------
 
 
@@ -64,7 +72,8 @@ def header(docs: dict) -> list[str]:
         f"Machine: {m['cpu']}, {m['cores']} cores / {m.get('logical_cpus')} logical CPUs, "
         f"{m['threads']} threads for every system, {format_size(m.get('ram_bytes', 0))} RAM"
         f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; Python {m.get('python')}, "
-        f"torch {m['torch']}, numba {m['numba']}, transformers {m.get('transformers')}.",
+        f"torch {m['torch']}, numba {m['numba']}, transformers {m.get('transformers')}."
+        + _load_warning(m),
         f"Model: {model['name']} (trained context {model.get('trained_context')}); hetero, HF "
         f"and kvpress run its weights dequantised to {doc['settings'].get('dtype')}, llama.cpp "
         f"runs the GGUF file as stored (Q4_1 weights, f16 KV). Text: Debian's license texts. "

@@ -75,6 +75,9 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "ram_bytes": psutil.virtual_memory().total,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # other work on the machine skews every timing: a 1-minute load above the thread
+        # count at the start says the numbers are not to be trusted
+        "load_average_1m": os.getloadavg()[0],
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

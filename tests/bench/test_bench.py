@@ -200,6 +200,22 @@ def test_peer_states(tmp_path, monkeypatch):
         peers.status("vllm")
 
 
+def test_a_peer_being_built_is_not_built_twice(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setenv("HETERO_BENCH_PEERS", str(tmp_path))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "llamacpp.building").write_text(str(other.pid))
+        st = peers.setup("llamacpp")  # returns at once: someone else is on it
+        assert st.state == "missing" and f"process {other.pid}" in st.reason
+        assert not (tmp_path / "llamacpp").exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert "not installed" in peers.status("llamacpp").reason  # a dead builder is ignored
+
+
 def test_worker_protocol_reports_each_task(monkeypatch, capsys):
     from bench.workers import _protocol
 
