@@ -41,6 +41,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--contexts", type=int, nargs="+", default=None,
                    help="override the decode, prefill and memory context lengths")
     b.add_argument("--repeats", type=int, default=None, help="override the repeats per point")
+    b.add_argument("--resume", action="store_true",
+                   help="reuse the speed points already in DIR/*.json (an interrupted run)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     return b
 
@@ -104,7 +106,7 @@ def run(args) -> None:
 
     plan = plan_from_args(args)
     session = Session(plan, out, args.quick, list(args.peers), setup=not args.no_setup,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, resume=args.resume)
     for name, st in session.peers.items():
         if st.state != "ok":
             logger.warning("peer %s %s: %s", name, st.state, st.reason)

@@ -40,11 +40,28 @@ def model_info() -> dict:
             "n_layers": config["num_hidden_layers"]}
 
 
+def load_points(out_dir: Path) -> dict[tuple, dict]:
+    """Speed points already timed in ``out_dir``'s documents, keyed as ``Session`` keys
+    them (system, context, batch, n_decode); points that failed are left out."""
+    points = {}
+    for path in sorted(Path(out_dir).glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("workload") not in ("decode", "prefill", "memory"):
+            continue
+        for row in doc.get("rows", []):
+            if "error" not in row and row.get("metrics"):
+                points[(row["system"], row["context"], row["batch"], row["n_decode"])] = row
+    return points
+
+
 class Session:
     """State shared by the workloads of one ``hetero bench`` call."""
 
     def __init__(self, plan: Plan, out_dir: Path, quick: bool, peer_names: list[str],
-                 setup: bool = True, progress: bool = True):
+                 setup: bool = True, progress: bool = True, resume: bool = False):
         import torch
         from transformers import AutoTokenizer
 
@@ -64,7 +81,8 @@ class Session:
                 logger.info("setting up peer %s (once; log in %s)", name, peers.peers_dir())
                 st = peers.setup(name)
             self.peers[name] = st
-        self._points: dict[tuple, dict] = {}
+        # with resume, points timed by an earlier (interrupted) run are not timed again
+        self._points: dict[tuple, dict] = load_points(self.out_dir) if resume else {}
         self._versions: dict[str, dict] = {}
         self._text: list[int] | None = None
 

@@ -22,7 +22,6 @@ def speed_once(llm: LLM, batch: list[list[int]], n_decode: int) -> dict:
     outs = llm.generate(batch, SamplingParams(max_new_tokens=n_decode, ignore_eos=True))
     last = outs[-1].stats  # its first token comes after every prefill: decode starts then
     decode_s = (n_decode - 1) / last.decode_tokens_per_s
-    report = llm.memory_report()
     return speed_run(
         last.ttft_s, decode_s, len(batch), len(batch[0]), n_decode,
         device_kv_bytes=last.device_kv_bytes_peak,
@@ -30,7 +29,7 @@ def speed_once(llm: LLM, batch: list[list[int]], n_decode: int) -> dict:
         host_kv_bytes=max(o.stats.host_kv_bytes for o in outs),
         h2d_bytes_per_token=last.h2d_bytes_per_token,
         cache_hit_rate=last.cache_hit_rate,
-        lsh_table_bytes=report.get("lsh_table_bytes"),
+        lsh_table_bytes=max(getattr(o.stats, "lsh_table_bytes", 0) or 0 for o in outs) or None,
     )
 
 

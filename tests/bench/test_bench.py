@@ -171,6 +171,19 @@ def test_report_and_plots_from_a_recorded_result(recorded):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_resume_reuses_timed_points(recorded):
+    from bench.session import load_points
+
+    for other in ("prefill", "memory", "fidelity"):
+        (recorded / f"{other}.json").unlink()
+    points = load_points(recorded)
+    decode = read_doc(recorded / "decode.json")
+    ok = [r for r in decode["rows"] if "error" not in r]
+    assert points[(ok[0]["system"], ok[0]["context"], ok[0]["batch"], ok[0]["n_decode"])] == ok[0]
+    assert not any(k[0] == "kvpress-snapkv" and k[1] == 4096 for k in points)  # failed: redone
+    assert _bench_args("all", "--resume").resume
+
+
 def test_report_command(recorded, capsys):
     assert main(["bench", "report", "--out", str(recorded)]) == 0
     assert capsys.readouterr().out.strip() == str(recorded / "report.md")
