@@ -240,9 +240,10 @@ class LLM:
             )
         seq = next(self._ids)
         store.admit(seq, n, offload)
-        if not offload:
-            store.reserve(seq, n)
-        return seq, need
+        if offload:  # its pages are taken as it runs: keep them promised
+            return seq, need
+        store.reserve(seq, n)  # taken now: n_free already counts them
+        return seq, 0
 
     def _run(self, reqs: list[_Request], progress: bool) -> Iterator[None]:
         """Prefill every request, then decode the live ones together; yields per token."""

@@ -46,12 +46,12 @@ class PageAllocator:
             raise OutOfPages(f"need {n} pages, {len(self._free)} of {self.n_pages} are free")
         free = self._free
         run_start = 0
-        for i in range(1, len(free) + 1):
-            if i == len(free) or free[i] != free[i - 1] + 1:
-                if i - run_start >= n:
-                    pages = free[run_start : run_start + n]
-                    del free[run_start : run_start + n]
-                    break
+        for i in range(1, len(free) + 1):  # stops at the first run long enough
+            if i - run_start >= n:
+                pages = free[run_start : run_start + n]
+                del free[run_start : run_start + n]
+                break
+            if i < len(free) and free[i] != free[i - 1] + 1:
                 run_start = i
         else:  # no run long enough: take the lowest ids
             pages = free[:n]

@@ -129,3 +129,14 @@ def test_memory_report_and_context_manager(tiny_model_dir):
         rep = llm.memory_report()
     assert set(rep) >= {"device_kv_budget", "device_kv_bytes_peak", "host_kv_bytes", "h2d_bytes"}
     assert rep["device_kv_bytes"] == 0
+
+
+def test_a_dense_batch_that_fits_exactly_is_admitted(tiny_model_dir):
+    probe = LLM(tiny_model_dir, device="cpu", page_size=4, prefill_chunk=16)
+    n = len(probe.tokenizer(TEXT)["input_ids"]) + 8
+    pages = 2 * 2 * -(-n // 4)  # two sequences, two layers
+    llm = LLM(tiny_model_dir, device="cpu", page_size=4, prefill_chunk=16,
+              device_kv_budget=pages * probe.store.page_bytes)
+    outs = llm.generate([TEXT, TEXT], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [8, 8]
+    assert outs[0].stats.device_kv_bytes_peak == llm.store.budget
