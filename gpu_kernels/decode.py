@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._paged import check_cache, check_index, kv_blocks, page_runs
+from ._paged import check_cache, check_index, gather_heads, kv_blocks, page_runs
 from .merge import _merge_triton, merge_partials
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -162,7 +162,8 @@ def _decode_torch(
     allocated while sequences decode side by side) are gathered into one block. GQA is folded:
     the G query heads of a KV head are the query rows of one attention call. A sequence whose
     KV heads share one page list (dense: an expanded view, or equal rows) is computed for all
-    heads at once, otherwise head by head. Partials beyond the first of each sequence are
+    heads at once; so is one whose heads list different pages of equal count (sparse
+    policies), gathered by one page index; otherwise head by head. Partials beyond the first of each sequence are
     merged by LSE once for the whole batch (small tensor ops cost more than their data here).
     """
     name = "paged_decode_attention"
@@ -193,12 +194,21 @@ def _decode_torch(
     qg = (q if q.stride(-1) == 1 else q.contiguous()).reshape(b, hkv, g, d)
     later = []  # (rank, index, partial) of each sequence's second and later partials
     for i in range(b):
-        heads = [slice(None)] if shared[i] else [slice(h, h + 1) for h in range(hkv)]
-        for hs in heads:
-            h = hs.start or 0
-            runs = page_runs(name, tables[i][h], lens[i][h], page_size, n_pages)
-            partials = [p for k, v in kv_blocks(k_cache[hs], v_cache[hs], runs, page_size)
-                        for p in _block_partials(qg[i, hs], k, v, scale)]
+        if shared[i]:  # one page list: views of its runs, all heads at once
+            runs = page_runs(name, tables[i][0], lens[i][0], page_size, n_pages)
+            groups = [(slice(None), kv_blocks(k_cache, v_cache, runs, page_size))]
+        elif same_len[i]:  # sparse heads, equal counts: one gather, all heads at once
+            groups = [(slice(None), gather_heads(name, k_cache, v_cache, block_table[i], lens[i][0], page_size))]
+        else:
+            groups = [
+                (slice(h, h + 1), kv_blocks(
+                    k_cache[h : h + 1], v_cache[h : h + 1],
+                    page_runs(name, tables[i][h], lens[i][h], page_size, n_pages), page_size,
+                ))
+                for h in range(hkv)
+            ]
+        for hs, blocks in groups:
+            partials = [p for k, v in blocks for p in _block_partials(qg[i, hs], k, v, scale)]
             if partials:
                 out[i, hs], lse[i, hs] = partials[0]
                 later += [(rank, (i, hs), p) for rank, p in enumerate(partials[1:])]

@@ -300,8 +300,8 @@ class LLM:
         lsh_bytes = sum(self.backend.table_bytes(r.seq_id).values())
         self.engine.release(r.seq_id)
         now = self._snapshot()
-        h2d, d2h, hits, misses = (a - b for a, b in zip(now, self._snap_start))
-        h2d_dec, d2h_dec = (a - b for a, b in zip(now[:2], self._snap_decode[:2]))
+        h2d, d2h = (a - b for a, b in zip(now[:2], self._snap_start[:2]))
+        h2d_dec, d2h_dec, hits, misses = (a - b for a, b in zip(now, self._snap_decode))
         n = len(r.output_ids)
         decode_s = r.t_end - r.t_first
         stats = RequestStats(

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass
 
 @dataclass(slots=True)
 class RequestStats:
-    """Figures of one request. Traffic and cache figures cover the whole ``generate`` call
-    (a batch shares them); ``*_per_token`` divide the decode phase's traffic by the tokens
-    the batch decoded."""
+    """Figures of one request. Traffic figures cover the whole ``generate`` call (a batch
+    shares them); ``*_per_token`` divide the decode phase's traffic by the tokens the batch
+    decoded; ``cache_hit_rate`` is the decode phase's page-cache hits over lookups (exact
+    prefill streams every offloaded page through the cache once, which would swamp it)."""
 
     prompt_tokens: int
     generated_tokens: int

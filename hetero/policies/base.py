@@ -121,25 +121,32 @@ class Policy(ABC):
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         """Attention output [B, Hq, D] for queries ``q`` [B, Hq, D] of one layer."""
 
-    def resident_pages(self, table: SeqPages, layer: int) -> list[int]:
-        """Device pages holding the tokens of one layer, in token order: the resident set,
-        and pages that left the window during this step (the engine offloads them after it),
-        so that with the offloaded pages ``[sink_pages, settled)`` they cover every token."""
+    def resident_pages(self, table: SeqPages, layer: int) -> Tensor:
+        """Device pages [n] (int32) holding the tokens of one layer, in token order: the
+        resident set, and pages that left the window during this step (the engine offloads
+        them after it), so that with the offloaded pages ``[sink_pages, settled)`` they
+        cover every token."""
         n_pages = -(-table.n_tokens // table.page_size)
-        return [p for p in table.layers[layer][:n_pages] if p != OFFLOADED]
+        pages = [p for p in table.layers[layer][:n_pages] if p != OFFLOADED]
+        return torch.tensor(pages, dtype=torch.int32)
 
 
 def pack_tables(
-    rows: list[list[list[int]]], n_tokens: list[int], page_size: int, device: torch.device
+    rows: list[Tensor], n_tokens: list[int], page_size: int, hkv: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """Block tables [B, Hkv, P] (int32, -1 pads) and kv_lens [B, Hkv] from per-sequence,
-    per-KV-head page lists whose last page is the sequence's last (partial) page."""
-    width = max(len(r) for heads in rows for r in heads)
-    table = torch.full((len(rows), len(rows[0]), width), -1, dtype=torch.int32)
-    lens = torch.empty(len(rows), len(rows[0]), dtype=torch.int32)
-    for b, heads in enumerate(rows):
-        last = n_tokens[b] - (n_tokens[b] - 1) // page_size * page_size  # tokens in last page
-        for h, r in enumerate(heads):
-            table[b, h, : len(r)] = torch.tensor(r, dtype=torch.int32)
-            lens[b, h] = (len(r) - 1) * page_size + last
+    """Block tables [B, Hkv, P] (int32, -1 pads) and kv_lens [B, Hkv] from per-sequence page
+    lists: int32 ``[n]`` shared by every KV head or ``[Hkv, n]`` (every head the same
+    count), whose last page is the sequence's last (partial) page. A single shared row
+    stays a stride-0 view over heads, which the CPU kernel reads as one page list."""
+    lens = []
+    for r, n in zip(rows, n_tokens):
+        last = n - (n - 1) // page_size * page_size  # tokens in the last page
+        lens.append((r.shape[-1] - 1) * page_size + last)
+    lens = torch.tensor(lens, dtype=torch.int32)[:, None].expand(-1, hkv)
+    if len(rows) == 1:
+        table = rows[0].expand(1, hkv, -1)
+    else:
+        table = torch.full((len(rows), hkv, max(r.shape[-1] for r in rows)), -1, dtype=torch.int32)
+        for b, r in enumerate(rows):
+            table[b, :, : r.shape[-1]] = r
     return table.to(device), lens.to(device)

@@ -144,8 +144,8 @@ class MagicPIGPolicy(Policy):
                                                    tables[b].settled * ps)
                        for i, b in enumerate(cpu)]
         # meanwhile, the resident set (everything, for dense layers) on the device
-        rows = [[self.resident_pages(t, layer)] * hkv for t in tables]
-        bt, lens = pack_tables(rows, [t.n_tokens for t in tables], ps, q.device)
+        rows = [self.resident_pages(t, layer) for t in tables]
+        bt, lens = pack_tables(rows, [t.n_tokens for t in tables], ps, hkv, q.device)
         out, lse = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps)
         if not futures:
             return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from gpu_kernels import paged_decode_attention, quest_page_scores
@@ -39,25 +40,25 @@ class QuestPolicy(Policy):
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         store = step.store
         ps, hkv = store.page_size, store.cfg.n_kv_heads
-        capacity = self.cache_pages(store.cfg, ps)
-        rows, n_tokens = [], []
+        n_sink = self.sink_pages(ps)
+        rows = []
         for b, s in enumerate(step.seq_ids):
             table = store.tables[s]
-            n_tokens.append(table.n_tokens)
             resident = self.resident_pages(table, layer)
             # the engine offloads exactly the pages between the sinks and `settled`
-            n_sink = self.sink_pages(ps)
             if layer < self.dense_layers or not table.offload or table.settled <= n_sink:
-                rows.append([resident] * hkv)
+                rows.append(resident)
                 continue
             kmin, kmax = store.key_bounds(s, layer)
             scores = quest_page_scores(q[b], kmin, kmax)[:, n_sink : table.settled]
-            top = scores.topk(min(self.top_pages(ps), scores.shape[1]), dim=1).indices
-            top = (top.sort(dim=1).values + n_sink).tolist()
-            wanted = sorted({i for head in top for i in head})
-            dev = dict(zip(wanted, store.fetch(s, layer, wanted, capacity)))
-            sinks, window = resident[:n_sink], resident[n_sink:]
-            rows.append([sinks + [dev[i] for i in head] + window for head in top])
-        bt, lens = pack_tables(rows, n_tokens, ps, q.device)
+            top = scores.topk(min(self.top_pages(ps), scores.shape[1]), dim=1, sorted=False)
+            top = top.indices.cpu().add_(n_sink)  # [Hkv, k] page indices (tables are built on host)
+            # the heads' union goes through the page cache once
+            wanted, inverse = top.unique(return_inverse=True)
+            fetched = store.fetch(s, layer, wanted.tolist(), self.cache_pages(store.cfg, ps))
+            picked = torch.tensor(fetched, dtype=torch.int32)[inverse]
+            sinks, window = resident[:n_sink].expand(hkv, -1), resident[n_sink:].expand(hkv, -1)
+            rows.append(torch.cat([sinks, picked, window], dim=1))
+        bt, lens = pack_tables(rows, [store.tables[s].n_tokens for s in step.seq_ids], ps, hkv, q.device)
         out, _ = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps)
         return out

@@ -101,6 +101,30 @@ def test_per_head_tables_and_empty_heads(impl, hq, hkv):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_per_head_tables_equal_lengths(impl, hq, hkv):
+    """Quest's shape: every KV head lists different pages of equal count, the last one
+    partial (one gather for all heads on CPU); garbage past the used pages is ignored."""
+    k_cache, v_cache = _cache(hkv, seed=12)
+    g = torch.Generator().manual_seed(13)
+    block_table = torch.stack(
+        [torch.stack([torch.randperm(N_PAGES, generator=g)[:7] for _ in range(hkv)]) for _ in range(2)]
+    ).to(torch.int32)
+    block_table[:, :, 6] = 99  # beyond kv_lens
+    kv_lens = torch.tensor([[23], [24]], dtype=torch.int32).expand(2, hkv)
+    q = torch.randn(2, hq, D, generator=g)
+    _check(impl, q, k_cache, v_cache, block_table, kv_lens)
+
+
+def test_per_head_tables_page_out_of_range():
+    k_cache, v_cache = _cache(2, seed=14)
+    block_table = torch.tensor([[[0, 1, 2], [3, 4, N_PAGES]]], dtype=torch.int32)
+    kv_lens = torch.tensor([[10, 10]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="page ids must lie in"):
+        paged_decode_attention(torch.randn(1, 4, D), k_cache, v_cache, block_table, kv_lens, 0.3, PS)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_shared_table_different_lengths(impl):
     """One expanded page list, but KV heads with different lengths (one of them empty)."""
     k_cache, v_cache = _cache(2, seed=10)
