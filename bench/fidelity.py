@@ -20,18 +20,25 @@ import math
 
 from bench import peers
 from bench.corpus import needle_cases
-from bench.probe import forced_nll, probe_attention
+from bench.probe import TopKOracle, forced_nll, probe_attention
 from bench.results import summary
 from bench.session import Session
 from bench.systems import System, hetero, hetero_llm_args, hetero_sparse, kv_share, kvpress
 
 SPARSE = ("quest", "streaming")
+ORACLE = System("oracle-topk", "hetero", "oracle token top-k (exact scores; a bound, not a runtime)",
+                {"policy": "dense"}, sparse=True)
 KVPRESS_EXACT = System("kvpress-none", "kvpress", "HF in the kvpress venv, no press (exact)",
                        {"press": None})
 
 
 def _budget(fraction: float, n: int) -> int:
     return max(int(fraction * n), 40)
+
+
+def _magicpig(plan) -> System:
+    """magicpig at its default K and L (its keys touched are measured, not set)."""
+    return hetero("magicpig", dense_layers=plan.dense_layers)
 
 
 def _sparse(policy: str, fraction: float, n: int, dense_layers: int) -> System:
@@ -89,17 +96,48 @@ class _Fidelity:
             self.row(system, "needle", n, f, {"accuracy": summary(hits)}, params=system.params)
 
     def hetero_error(self, bar) -> None:
-        plan = self.plan
+        """Attention error of quest and streaming at every budget; of magicpig at its
+        defaults; of oracle token top-k at those budgets and at the keys magicpig touched;
+        and of quest and streaming at magicpig's keys touched (the paper's comparison)."""
+        plan, cfg = self.plan, self.s.config
         for n in plan.error_contexts:
-            ids = self.s.text_ids(n)
-            for system, f in self.hetero_configs(n)[1:]:
-                bar.set_postfix_str(f"attention error {system.name} {f} {n} tok")
-                probe = probe_attention(self.llm(system, n + plan.error_steps + 16), ids,
-                                        plan.error_steps)
-                errs = probe.step_errors(skip_layers=plan.dense_layers)
-                self.row(system, "attention_error", n, f, {"attention_error": summary(errs)},
-                         params=system.params)
-                bar.update()
+            ids, steps = self.s.text_ids(n), plan.error_steps
+            bar.set_postfix_str(f"attention error magicpig {n} tok")
+            pig = _magicpig(plan)
+            llm = self.llm(pig, n + steps + 16)
+            read0, _ = llm.backend.key_counts()
+            probe = probe_attention(llm, ids, steps)
+            read = llm.backend.key_counts()[0] - read0
+            calls = steps * (cfg.n_layers - plan.dense_layers)
+            touched = round(probe.mean_resident(plan.dense_layers) + read / (cfg.n_heads * calls))
+            llm.close()
+            self.error_row(pig, n, touched / n, probe.step_errors(plan.dense_layers),
+                           keys_touched=touched)
+            bar.update()
+
+            fractions = {**{f: _budget(f, n) for f in plan.fractions}, touched / n: touched}
+            bar.set_postfix_str(f"attention error oracle top-k {n} tok")
+            llm = self.llm(hetero("dense"), n + steps + 16)
+            oracle = TopKOracle(llm.policy, sorted(set(fractions.values())), plan.dense_layers)
+            probe_attention(llm, ids, steps, oracle)
+            for f, budget in fractions.items():
+                self.error_row(ORACLE, n, f, oracle.step_errors(budget), keys_touched=budget)
+            bar.update()
+
+            for policy in SPARSE:
+                for f, budget in fractions.items():
+                    system = hetero_sparse(policy, budget, plan.dense_layers,
+                                           n_local=min(64, max(16, budget // 4)))
+                    bar.set_postfix_str(f"attention error {system.name} {f:.3f} {n} tok")
+                    probe = probe_attention(self.llm(system, n + steps + 16), ids, steps)
+                    self.error_row(system, n, f, probe.step_errors(plan.dense_layers),
+                                   keys_touched=budget)
+                    bar.update()
+
+    def error_row(self, system: System, n: int, f: float, errors: list[float], **extra) -> None:
+        matched = f not in self.plan.fractions  # at the keys magicpig touched
+        self.row(system, "attention_error_matched" if matched else "attention_error", n, f,
+                 {"attention_error": summary(errors)}, params=system.params, **extra)
 
     def hetero_ppl(self, bar) -> None:
         plan = self.plan
@@ -184,7 +222,8 @@ class _Fidelity:
     def n_points(self) -> int:
         plan = self.plan
         n_cfg = 1 + len(SPARSE) * len(plan.fractions)
-        hetero_n = (len(self.cases) * n_cfg + len(plan.error_contexts) * (n_cfg - 1)
+        per_error_context = 2 + len(SPARSE) * (len(plan.fractions) + 1)  # magicpig, oracle
+        hetero_n = (len(self.cases) * n_cfg + len(plan.error_contexts) * per_error_context
                     + len(plan.ppl_contexts) * n_cfg)
         per_press = len(plan.fractions) * (len(self.cases) + len(plan.ppl_contexts))
         kv_n = len(self.cases) + len(plan.ppl_contexts) + len(plan.fidelity_presses) * per_press
@@ -200,7 +239,7 @@ def fidelity(session: Session) -> dict:
         f.hetero_ppl(bar)
         kv_systems = f.kvpress_all(bar)
     systems = [hetero("dense"), *(hetero(p, dense_layers=session.plan.dense_layers) for p in SPARSE),
-               *kv_systems]
+               _magicpig(session.plan), ORACLE, *kv_systems]
     doc = session.doc("fidelity", systems, {"needle_prompt_tokens": [len(c) + len(q) for _, c, q in f.cases]})
     doc["rows"] = f.rows
     return doc

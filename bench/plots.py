@@ -81,7 +81,8 @@ def fidelity_plot(doc: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     labels = _labels(doc)
     for ax, (test, metric, title) in zip(axes, tests):
-        rows = [r for r in doc["rows"] if r["test"] == test and r.get("fraction") is not None]
+        rows = [r for r in doc["rows"] if r["test"] in (test, f"{test}_matched")
+                and r.get("fraction") is not None]
 
         def group(r):
             ctx = "" if test == "needle" else f" @{r['context']}"

@@ -154,7 +154,8 @@ def prefill_section(doc: dict) -> list[str]:
 
 
 def fidelity_section(doc: dict) -> list[str]:
-    fractions = sorted({r["fraction"] for r in doc["rows"] if r.get("fraction") is not None})
+    fractions = sorted({r["fraction"] for r in doc["rows"]
+                        if r.get("fraction") is not None and not r["test"].endswith("_matched")})
     cols = ["exact", *(f"{100 * f:g}%" for f in fractions)]
     by_test = defaultdict(list)
     for r in doc["rows"]:
@@ -189,6 +190,22 @@ def fidelity_section(doc: dict) -> list[str]:
                   "in the sparse layers: median (min–max) over decode steps.", ""]
         lines += _table(["system", "context", *cols], grid(
             rows, lambda r: _cell(r["metrics"]["attention_error"], "{:.3f}"), ("system", "context")))
+    if rows := by_test.get("attention_error_matched"):
+        lines += ["Sampling against top-k at equal keys touched: magicpig at its defaults, and "
+                  "the others given the keys it touched per query head (sinks and window "
+                  "included). Oracle top-k picks each head's keys by their true scores.", ""]
+        by_ctx = defaultdict(dict)
+        for r in rows:
+            by_ctx[r["context"]][r["system"]] = r
+        systems = sorted({r["system"] for r in rows}, key=lambda n: (n != "hetero-magicpig", n))
+        table = []
+        for n, by_sys in sorted(by_ctx.items()):
+            touched = next(iter(by_sys.values()))["keys_touched"]
+            table.append([str(n), f"{touched} ({100 * touched / n:.1f}%)", *(
+                _err_or(by_sys.get(name), _cell((by_sys.get(name) or {}).get("metrics", {})
+                                                .get("attention_error"), "{:.3f}"))
+                for name in systems)])
+        lines += _table(["context", "keys touched", *(_label(doc, n) for n in systems)], table)
     if rows := by_test.get("perplexity"):
         lines += ["Perplexity of a real continuation scored through decode attention (teacher "
                   "forced), and its change against the same family's exact run.", ""]

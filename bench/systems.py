@@ -102,10 +102,7 @@ def device_kv_budget(system: System, plan: Plan, cfg: ModelConfig, n_tokens: int
     if system.sparse:
         pages = policy.device_pages(cfg, n_tokens, page_size, plan.prefill_chunk) * batch
     else:
-        # LLM._place checks a dense sequence's pages against the free pages left after the
-        # earlier ones reserved theirs *and* adds the earlier ones again: a batch of B is
-        # admitted only with room for 2B - 1 sequences.
-        pages = cfg.n_layers * n_pages * (2 * batch - 1)
+        pages = cfg.n_layers * n_pages * batch
     pages = int(1.1 * pages) + 2 * cfg.n_layers
     return pages * 2 * cfg.n_kv_heads * page_size * cfg.head_dim * itemsize
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import peers
 from bench.cli import plan_from_args, write_report
@@ -165,6 +166,9 @@ def test_report_and_plots_from_a_recorded_result(recorded):
         if system["status"] != "ok":
             assert system["reason"] in text  # a peer that could not run says why
     assert "Passkey accuracy" in text and "Attention-output error" in text
+    matched = text[text.index("Sampling against top-k"):].splitlines()
+    assert "| 2048 | 207 (10.1%) | 0.074 |" in matched[4]  # magicpig first, then the others
+    assert "10.1" not in text[text.index("Attention-output error"):text.index("Sampling against")]
     assert "†" in text  # lengths beyond the trained context are marked speed-only
     for w in WORKLOADS:
         png = (recorded / f"{w}.png").read_bytes()
@@ -270,3 +274,33 @@ def test_forced_decode_nll_matches_exact_prefill_scoring(tiny_model_dir):
     ref = llm.logprobs(ids).logprobs[len(ctx) : len(ctx) + len(cont) - 1]
     assert nll == pytest.approx(-sum(ref) / len(ref), abs=1e-4)
     assert llm.store.allocator.n_used == 0 and llm.engine.__class__.__name__ == "Engine"
+
+
+def test_topk_oracle_attention():
+    """Every key kept: exact attention; one key kept: that head's best-scoring value."""
+    from bench.probe import topk_attention
+    from tests.oracle import attention_oracle
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(4, 8, generator=g), torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g)
+    pos = torch.arange(10)
+    exact, _ = attention_oracle(q[None].double(), k.transpose(0, 1).double(),
+                                v.transpose(0, 1).double(), pos[-1:], pos, 0.5)
+    torch.testing.assert_close(topk_attention(q, k, v, 10, 0.5).double(), exact[0], atol=1e-5, rtol=1e-5)
+    best = (q.view(2, 2, 8) @ k.transpose(1, 2)).argmax(-1)  # [Hkv, G]
+    want = torch.stack([v[h, best[h, j]] for h in range(2) for j in range(2)])
+    torch.testing.assert_close(topk_attention(q, k, v, 1, 0.5), want)
+
+
+def test_topk_oracle_probe_on_a_model(tiny_model_dir):
+    """Keeping every key is exact; keeping a few is not; the run leaves no pages behind."""
+    from bench.probe import TopKOracle, probe_attention
+    from hetero import LLM
+
+    llm = LLM(tiny_model_dir, device="cpu", page_size=4, prefill_chunk=16)
+    ids = llm.tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"][:40]
+    oracle = probe_attention(llm, ids, 3, TopKOracle(llm.policy, [4, 64], skip_layers=1))
+    every, few = oracle.step_errors(64), oracle.step_errors(4)
+    assert len(every) == len(few) == 3
+    assert max(every) < 1e-5 and min(few) > 1e-3
+    assert llm.store.allocator.n_used == 0 and llm.engine.policy is oracle.policy
