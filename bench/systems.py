@@ -84,6 +84,7 @@ def speed_systems(plan: Plan) -> list[System]:
         hetero("dense"),
         hetero_sparse("quest", plan.token_budget, plan.dense_layers),
         hetero_sparse("streaming", plan.token_budget, plan.dense_layers),
+        hetero("magicpig", dense_layers=plan.dense_layers),  # its keys touched are measured
         HF,
         LLAMACPP,
         *(kvpress(p) for p in plan.speed_presses),
