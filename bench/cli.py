@@ -1,6 +1,6 @@
 """``hetero bench``: argument parsing and the driver that writes JSON, report and plots.
 
-    hetero bench decode|prefill|fidelity|memory|all [--quick] [--out DIR] [--peers ...]
+    hetero bench decode|prefill|fidelity|memory|kernels|all [--quick] [--out DIR] [--peers ...]
     hetero bench setup [--peers ...] [--force]      # build the peers' venvs
     hetero bench report [--out DIR]                 # report.md + PNGs from DIR/*.json
 """
@@ -100,6 +100,7 @@ def run(args) -> None:
         return
 
     from bench.fidelity import fidelity
+    from bench.kernels import kernels
     from bench.results import write_doc
     from bench.session import Session
     from bench.speed import decode, memory, prefill
@@ -110,7 +111,8 @@ def run(args) -> None:
     for name, st in session.peers.items():
         if st.state != "ok":
             logger.warning("peer %s %s: %s", name, st.state, st.reason)
-    workloads = {"decode": decode, "prefill": prefill, "fidelity": fidelity, "memory": memory}
+    workloads = {"decode": decode, "prefill": prefill, "fidelity": fidelity, "memory": memory,
+                 "kernels": kernels}
     todo = list(workloads) if args.what == "all" else [args.what]
     for name in todo:
         path = write_doc(workloads[name](session), out)

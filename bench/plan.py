@@ -32,6 +32,7 @@ class Plan:
     error_contexts: tuple[int, ...] = (4096, 8192, 16384)
     error_steps: int = 8
     ppl_contexts: tuple[int, ...] = (4096, 8192, 16384)
+    kernel_contexts: tuple[int, ...] = (16384, 32768)
     ppl_tokens: int = 64
     speed_presses: tuple[str, ...] = PRESSES
     fidelity_presses: tuple[str, ...] = PRESSES
@@ -67,5 +68,5 @@ QUICK = replace(
     decode_contexts=(1024, 2048), n_decode=8, repeats=1, batch_sizes=(1, 4),
     batch_context=1024, prefill_contexts=(1024, 2048), memory_contexts=(1024, 2048),
     needle_depths=(0.5,), fractions=(0.1, 0.25), error_contexts=(2048,), error_steps=4,
-    ppl_contexts=(2048,), ppl_tokens=16, speed_presses=("snapkv",), worker_timeout_s=600,
+    ppl_contexts=(2048,), ppl_tokens=16, kernel_contexts=(2048,), speed_presses=("snapkv",), worker_timeout_s=600,
 )

@@ -235,13 +235,40 @@ def memory_section(doc: dict) -> list[str]:
             + _table(["system", "context", "device KV", "host KV", "LSH tables", "peak RSS"], rows))
 
 
+def kernels_section(doc: dict) -> list[str]:
+    copy = next((r for r in doc["rows"] if r["system"] == "copy"), None)
+    limit = copy["metrics"]["gb_per_s"]["median"] if copy else None
+    rows = []
+    for r in doc["rows"]:
+        if r["system"] == "copy":
+            continue
+        m = r["metrics"]
+        gbs = m["gb_per_s"]["median"]
+        rows.append([str(r["context"]), _cell(m["us_per_call"], "{:.0f}"),
+                     _cell(m["gb_per_s"], "{:.2f}"),
+                     f"{100 * gbs / limit:.0f}%" if limit else "–",
+                     f"{100 * m['sampled_share']['median']:.2f}%",
+                     f"{m['table_bytes_per_key']['median']:.0f} / {m['kv_bytes_per_key']['median']:.0f}"])
+    head = [f"One-thread copy bandwidth (numpy, read + write): {_cell(copy['metrics']['gb_per_s'], '{:.1f}')} "
+            "GB/s." if copy else "Copy bandwidth not measured.", ""]
+    return (["## CPU kernels", "",
+             "MagicPIG's sampled attention (`cpu_kernels.lsh_attention`, one thread, as the "
+             "local backend runs it) timed alone on every call of a real decode: bytes it must "
+             "read (probed bucket runs, candidates' K and V rows) per second, against the "
+             "copy bandwidth; keys sampled per query head; LSH state against fp32 KV, bytes "
+             "per offloaded key and KV head.", "", *head]
+            + _table(["context", "µs per call (all heads)", "GB/s", "of copy", "sampled",
+                      "LSH / KV bytes per key"], rows))
+
+
 def render(docs: dict, findings: list[str] | None = None) -> str:
     """The Markdown report for the documents present (keys are workload names)."""
     if not docs:
         raise ValueError("no result documents to report on")
     lines = header(docs)
     for name, section in (("decode", decode_section), ("prefill", prefill_section),
-                          ("fidelity", fidelity_section), ("memory", memory_section)):
+                          ("fidelity", fidelity_section), ("memory", memory_section),
+                          ("kernels", kernels_section)):
         if name in docs:
             lines += section(docs[name])
     if findings:

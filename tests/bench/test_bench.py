@@ -21,7 +21,7 @@ from hetero.config import ModelConfig
 from hetero.cli import _parser, main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "quick"
-WORKLOADS = ("decode", "prefill", "fidelity", "memory")
+WORKLOADS = ("decode", "prefill", "fidelity", "memory", "kernels")
 
 
 @pytest.fixture
@@ -158,8 +158,9 @@ def test_report_and_plots_from_a_recorded_result(recorded):
     path = write_report(recorded)
     text = path.read_text()
     for heading in ("## Systems", "## Decode", "## Prefill", "## Fidelity", "## Memory",
-                    "## What the numbers say"):
+                    "## CPU kernels", "## What the numbers say"):
         assert heading in text
+    assert "| 2048 | 108 (85–4341) | 5.63 (0.13–6.30) | 32% | 6.02% | 346 / 512 |" in text
     decode = read_doc(recorded / "decode.json")
     for name, system in decode["systems"].items():
         assert system["label"] in text
@@ -170,7 +171,7 @@ def test_report_and_plots_from_a_recorded_result(recorded):
     assert "| 2048 | 207 (10.1%) | 0.074 |" in matched[4]  # magicpig first, then the others
     assert "10.1" not in text[text.index("Attention-output error"):text.index("Sampling against")]
     assert "†" in text  # lengths beyond the trained context are marked speed-only
-    for w in WORKLOADS:
+    for w in ("decode", "prefill", "fidelity", "memory"):
         png = (recorded / f"{w}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -304,3 +305,24 @@ def test_topk_oracle_probe_on_a_model(tiny_model_dir):
     assert len(every) == len(few) == 3
     assert max(every) < 1e-5 and min(few) > 1e-3
     assert llm.store.allocator.n_used == 0 and llm.engine.policy is oracle.policy
+
+
+def test_kernel_bytes_count_probed_runs_and_candidate_rows():
+    """Per query head: 8 bytes of offsets and 4 per id in each probed bucket, and a K row,
+    a V row and a norm per candidate."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from bench.kernels import _call_bytes, copy_bandwidth
+    from cpu_kernels import build_tables
+
+    codes = np.array([[[0, 1], [1, 1], [0, 0]]], dtype=np.uint16)  # [Hkv=1, n=3, L=2], K=1
+    st = SimpleNamespace(tables=build_tables(codes, 1), keys=np.zeros((1, 3, 4), np.float32))
+    q_codes = np.array([[0, 1], [1, 0]])  # two query heads
+    # head 0: bucket 0 of table 0 holds keys 0, 2; bucket 1 of table 1 holds 0, 1
+    # head 1: bucket 1 of table 0 holds key 1; bucket 0 of table 1 holds key 2
+    ids = 4 * (2 + 2 + 1 + 1)
+    counts = np.array([1, 0], dtype=np.int32)
+    assert _call_bytes(st, q_codes, counts) == 8 * 2 * 2 + ids + 1 * (2 * 4 * 4 + 4)
+    assert all(r > 0 for r in copy_bandwidth(2, 1 << 20))

@@ -1,0 +1,118 @@
+"""The kernels workload: the CPU sampled-attention kernel (``cpu_kernels.lsh_attention``)
+against the machine's copy bandwidth, its physical limit.
+
+A magicpig run over real text records the queries and codes its CPU workers received at
+every decode step and sparse layer; afterwards each call is timed again alone, on one
+thread (as the local backend runs it), over the tables the run built. Bytes per call
+count what the kernel must read: per query head the L bucket offsets and id runs it
+probes, and the key and value rows (plus a norm) of each candidate it samples. The copy
+bandwidth is ``numpy.copyto`` of a buffer far larger than the caches on one thread,
+counting the bytes read and written.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+
+from bench.results import summary
+from bench.session import Session
+from bench.systems import System, hetero, hetero_llm_args
+
+COPY_BYTES = 256 * 2**20
+COPY = System("copy", "hetero", "numpy copy, one thread (the limit)")
+KERNEL = System("lsh_attention", "hetero", "cpu_kernels.lsh_attention, one thread")
+
+
+def copy_bandwidth(repeats: int = 5, n_bytes: int = COPY_BYTES) -> list[float]:
+    """GB/s of one-thread copies of ``n_bytes`` (read + write counted)."""
+    src = np.ones(n_bytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        runs.append(2 * n_bytes / (time.perf_counter() - t) / 1e9)
+    return runs
+
+
+def _call_bytes(st, q_codes: np.ndarray, counts: np.ndarray) -> int:
+    """Bytes one ``lsh_attention`` call reads: offsets and id runs of the probed buckets,
+    and K, V rows and norms of the candidates (every query head)."""
+    hkv, n_tables = st.tables.offsets.shape[:2]
+    hq = q_codes.shape[0]
+    kv = np.arange(hq) // (hq // hkv)
+    off = st.tables.offsets[kv[:, None], np.arange(n_tables), q_codes.astype(np.int64)]
+    nxt = st.tables.offsets[kv[:, None], np.arange(n_tables), q_codes.astype(np.int64) + 1]
+    d = st.keys.shape[2]
+    return int(8 * hq * n_tables + 4 * (nxt - off).sum() + counts.sum() * (2 * d * 4 + 4))
+
+
+def kernel_rows(session: Session, n: int, bar) -> list[dict]:
+    """Time every recorded worker call of a magicpig run over ``n`` tokens of real text."""
+    from cpu_kernels import lsh_attention
+    from hetero import LLM, SamplingParams
+
+    plan, steps = session.plan, session.plan.error_steps
+    system = hetero("magicpig", dense_layers=plan.dense_layers)
+    llm = LLM(device="cpu", **hetero_llm_args(system, plan, session.config, n + steps + 16))
+    backend, calls = llm.backend, []
+    submit, release = backend.submit_attend, backend.release
+
+    def record(seq_id, layer, q, q_codes, hi):
+        calls.append((seq_id, layer, q.numpy().copy(), q_codes.numpy().copy()))
+        return submit(seq_id, layer, q, q_codes, hi)
+
+    backend.submit_attend, backend.release = record, lambda seq_id: None  # keep the tables
+    try:
+        llm.generate(session.text_ids(n), SamplingParams(max_new_tokens=steps + 1, ignore_eos=True))
+    finally:
+        backend.submit_attend, backend.release = submit, release
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    times, rates, shares, per_key = [], [], [], []
+    try:
+        for seq_id, layer, q, q_codes in calls:
+            worker = backend._worker(layer)
+            st = worker.state[(seq_id, layer)]
+            counts = np.empty(q.shape[0], dtype=np.int32)
+            args = (q, q_codes, st.keys, st.values, st.norms, st.mean, st.tables, worker.scale,
+                    st.lo, st.hi)
+            lsh_attention(*args, n_candidates=counts)  # warm (compiled on first use)
+            t = time.perf_counter()
+            lsh_attention(*args, n_candidates=counts)
+            dt = time.perf_counter() - t
+            times.append(dt * 1e6)
+            rates.append(_call_bytes(st, q_codes, counts) / dt / 1e9)
+            shares.append(float(counts.mean()) / (st.hi - st.lo))
+            per_key.append(st.nbytes / (st.keys.shape[0] * (st.hi - st.lo)))
+    finally:
+        numba.set_num_threads(threads)
+        llm.close()
+    bar.update()
+    d = session.config.head_dim
+    return [{"system": KERNEL.name, "test": "bandwidth", "context": n, "labels": [],
+             "calls": len(calls),
+             "metrics": {"us_per_call": summary(times), "gb_per_s": summary(rates),
+                         "sampled_share": summary(shares),
+                         "table_bytes_per_key": summary(per_key),
+                         "kv_bytes_per_key": summary([2.0 * d * 4])}}]
+
+
+def kernels(session: Session) -> dict:
+    """Copy bandwidth and the sampled-attention kernel's bandwidth at each kernel context."""
+    plan = session.plan
+    with session.bar(1 + len(plan.kernel_contexts), "kernels") as bar:
+        bar.set_postfix_str("copy bandwidth")
+        rows = [{"system": COPY.name, "test": "bandwidth", "labels": [],
+                 "metrics": {"gb_per_s": summary(copy_bandwidth())}}]
+        bar.update()
+        for n in plan.kernel_contexts:
+            bar.set_postfix_str(f"lsh_attention {n} tok")
+            rows += kernel_rows(session, n, bar)
+    doc = session.doc("kernels", [COPY, KERNEL], {})
+    doc["rows"] = rows
+    return doc
