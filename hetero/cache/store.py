@@ -87,10 +87,11 @@ class KVStore:
         """Pool slots [L, n] (int64, device) of positions ``start..start+n-1`` per layer."""
         table = self.tables[seq_id]
         ps = self.page_size
-        pos = torch.arange(start, start + n)
-        pages = torch.tensor(table.layers)[:, pos // ps]
+        first, last = start // ps, (start + n - 1) // ps
+        pages = torch.tensor([layer[first : last + 1] for layer in table.layers])  # [L, n_pages]
         assert bool((pages >= 0).all()), "writing to a page that is not on the device"
-        return (pages * ps + pos % ps).to(self.device.device)
+        pos = torch.arange(start, start + n)
+        return (pages[:, pos // ps - first] * ps + pos % ps).to(self.device.device)
 
     def write(self, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Store one layer's ``k``, ``v`` [N, Hkv, D] at pool ``slots`` [N]."""

@@ -126,8 +126,10 @@ class Policy(ABC):
         resident set, and pages that left the window during this step (the engine offloads
         them after it), so that with the offloaded pages ``[sink_pages, settled)`` they
         cover every token."""
-        n_pages = -(-table.n_tokens // table.page_size)
-        pages = [p for p in table.layers[layer][:n_pages] if p != OFFLOADED]
+        pages = table.layers[layer][: -(-table.n_tokens // table.page_size)]
+        if table.offload and OFFLOADED in pages[: table.settled]:
+            # the engine offloads one run, from the sinks up to `settled`
+            pages = pages[: pages.index(OFFLOADED)] + pages[table.settled :]
         return torch.tensor(pages, dtype=torch.int32)
 
 
