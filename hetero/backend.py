@@ -2,12 +2,14 @@
 
 The core (policies, engine) never imports ``orchestrator/``; it talks to this interface,
 which an orchestrator backend implements (``orchestrator.local.LocalBackend``: a thread pool
-in this process; later a Ray backend with actors). The facade (``hetero.llm``) creates the
-backend by name and hands it to the policy with ``Policy.bind``.
+in this process; ``orchestrator.ray_backend.RayBackend``: Ray actors, on this machine or a
+cluster). The facade (``hetero.llm``) creates the backend by name and hands it to the policy
+with ``Policy.bind``.
 
 Calls are asynchronous: ``submit_*`` return a future at once, so the device computes its
 share of a layer's attention (the resident set) while a CPU worker computes the offloaded
-share; the two ``(out, lse)`` partials merge exactly.
+share; the two ``(out, lse)`` partials merge exactly. A future's ``result`` raises
+:class:`WorkerError` when the worker behind it failed.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class LSHSpec:
         return sorted(self.projections)
 
 
+class WorkerError(RuntimeError):
+    """A CPU worker failed (it died, or did not answer in time): the request that needed it
+    fails; the message names the worker and the layers it served."""
+
+
 class CPUBackend(ABC):
     """Runs CPU workers that hold LSH tables over the host tier and attend over it."""
 
@@ -67,8 +74,9 @@ class CPUBackend(ABC):
         ``[lo, hi)``.
 
         ``keys``, ``values`` are the layer's host tier, ``[Hkv, capacity, D]`` float32 CPU
-        tensors indexed by token position; workers read them in place (no copy) and keep
-        reading them as later positions are offloaded. The future's result is None.
+        tensors indexed by token position; the backend keeps them and reads later positions
+        from them as they are offloaded (workers in the process read them in place, workers
+        elsewhere receive copies of the rows they need). The future's result is None.
         """
 
     @abstractmethod
@@ -95,6 +103,10 @@ class CPUBackend(ABC):
         """Keys read by the workers' attention calls (sampled candidates and exact tail),
         and offloaded keys they could have read; both summed over query heads and calls
         since the backend started."""
+
+    def describe(self) -> str:
+        """One line for ``hetero info``: the backend and where its workers run."""
+        return self.name
 
     def close(self) -> None:
         """Stop the workers; the backend may not be used afterwards."""

@@ -12,6 +12,7 @@ import logging
 import platform
 import sys
 
+from hetero.backend import WorkerError
 from hetero.device import format_size
 
 logger = logging.getLogger("hetero")
@@ -32,7 +33,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-local", type=int, default=None, help="local-window tokens kept on the device")
     p.add_argument("--dense-layers", type=int, default=None, help="first layers kept exact (sparse policies)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's trained context)")
-    p.add_argument("--backend", default="local", choices=["local", "ray"], help="execution backend")
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="where CPU workers run: local (threads) or ray (actors; default: a local Ray instance)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --backend ray: join this cluster (host:port of the head, or auto)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,14 +70,13 @@ def _parser() -> argparse.ArgumentParser:
 def _make_llm(args):
     from hetero import LLM
 
-    if args.backend != "local":
-        raise ValueError(f"backend {args.backend!r} is not available yet: use --backend local")
     names = ("token_budget", "lsh_k", "lsh_l", "n_sink", "n_local", "dense_layers")
     params = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     return LLM(
         model=args.model, device=args.device, dtype=args.dtype, policy=args.policy,
         policy_params=params, device_kv_budget=args.device_kv_budget, page_size=args.page_size,
-        prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len,
+        prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len, backend=args.backend,
+        ray_address=args.ray_address,
     )
 
 
@@ -92,8 +95,8 @@ def _generate(args) -> None:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop,
     )
-    llm = _make_llm(args)
-    (out,) = llm.generate(prompt, params, chat=args.chat, progress=True)
+    with _make_llm(args) as llm:
+        (out,) = llm.generate(prompt, params, chat=args.chat, progress=True)
     if args.json:
         print(json.dumps(out.to_dict()))
         return
@@ -112,20 +115,28 @@ def _generate(args) -> None:
 
 
 def _info(args) -> None:
+    with _make_llm(args) as llm:
+        rows = _info_rows(args, llm)
+    width = max(map(len, rows))
+    for k, v in rows.items():
+        print(f"{k:<{width}}  {v}")
+
+
+def _info_rows(args, llm) -> dict[str, str]:
     import numba
     import torch
     import transformers
     import triton
 
-    llm = _make_llm(args)
     cfg = llm.config
-    rows = {
+    return {
         "device": str(llm.device.device),
         "dtype": str(llm.dtype).removeprefix("torch."),
         "model": f"{llm.model_name} ({cfg.model_type}, {cfg.n_layers} layers, {cfg.n_heads} q / "
         f"{cfg.n_kv_heads} kv heads, head_dim {cfg.head_dim})",
         "context limit": str(llm.max_model_len),
         "policy": args.policy,
+        "backend": llm.backend.describe(),
         "device KV budget": f"{format_size(llm.store.budget)} "
         f"({llm.store.allocator.n_pages} pages of {llm.store.page_size} tokens)",
         "KV per token": format_size(cfg.kv_bytes_per_token(llm.dtype.itemsize)),
@@ -136,9 +147,6 @@ def _info(args) -> None:
         "numba": numba.__version__,
         "transformers": transformers.__version__,
     }
-    width = max(map(len, rows))
-    for k, v in rows.items():
-        print(f"{k:<{width}}  {v}")
 
 
 def _bench(args) -> None:
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         {"generate": _generate, "info": _info, "bench": _bench}[args.command](args)
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, ImportError, WorkerError) as e:
         if args.verbose:
             raise
         print(f"hetero: error: {e}", file=sys.stderr)

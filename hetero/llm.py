@@ -22,7 +22,7 @@ from hetero.sampling import SamplingParams, make_generator, sample
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "ray")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,7 +59,10 @@ class LLM:
     page_size : tokens per KV page (a power of two).
     prefill_chunk : prompt tokens per prefill step.
     max_model_len : longest prompt + generation; None = the model's trained context.
-    backend : "local" (CPU workers on a thread pool of ``os.cpu_count()`` threads).
+    backend : "local" (CPU workers on a thread pool of ``os.cpu_count()`` threads) or "ray"
+        (CPU workers as Ray actors: ``orchestrator.ray_backend``).
+    ray_address : with backend "ray": None starts a local Ray instance (loopback only, no
+        dashboard); "host:port" or "auto" joins a running cluster.
     """
 
     def __init__(
@@ -74,9 +77,12 @@ class LLM:
         prefill_chunk: int = 1024,
         max_model_len: int | None = None,
         backend: str = "local",
+        ray_address: str | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        if ray_address is not None and backend != "ray":
+            raise ValueError(f"ray_address is for backend='ray', not {backend!r}")
         self.policy = make_policy(policy, **(policy_params or {}))
         dev = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, dev)
@@ -98,8 +104,12 @@ class LLM:
         self.device = Device(dev)
         self.store = KVStore(self.config, self.device, self.dtype, page_size, budget)
         self.engine = Engine(self.model, self.store, self.policy, prefill_chunk)
-        self.backend = _make_backend(backend)
-        self.policy.bind(self.backend, self.store)
+        self.backend = _make_backend(backend, ray_address)
+        try:
+            self.policy.bind(self.backend, self.store)
+        except BaseException:
+            self.backend.close()
+            raise
         self.eos_ids = set(self.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -159,9 +169,11 @@ class LLM:
                 "lsh_table_bytes_per_layer": lsh}
 
     def close(self) -> None:
-        for seq in list(self.store.tables):
-            self.engine.release(seq)
-        self.backend.close()
+        try:
+            for seq in list(self.store.tables):
+                self.engine.release(seq)
+        finally:
+            self.backend.close()
 
     def __enter__(self) -> LLM:
         return self
@@ -322,11 +334,15 @@ class LLM:
         return Output(r.detok.text, r.output_ids, r.finish_reason, stats)
 
 
-def _make_backend(name: str) -> CPUBackend:
+def _make_backend(name: str, ray_address: str | None) -> CPUBackend:
     """The execution backend for CPU workers, by name (validated in ``LLM.__init__``)."""
+    if name == "ray":
+        from orchestrator.ray_backend import RayBackend
+
+        return RayBackend(ray_address)
     from orchestrator.local import LocalBackend
 
-    return {"local": LocalBackend}[name]()
+    return LocalBackend()
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -105,7 +105,11 @@ class LocalBackend(CPUBackend):
         return out
 
     def key_counts(self) -> tuple[int, int]:
-        return (sum(w.keys_read for w in self._workers), sum(w.keys_offloaded for w in self._workers))
+        counts = [w.key_counts() for w in self._workers]
+        return sum(r for r, _ in counts), sum(o for _, o in counts)
+
+    def describe(self) -> str:
+        return f"local ({self.n_threads} threads)"
 
     def close(self) -> None:
         self._wait_builds()

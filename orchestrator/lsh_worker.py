@@ -2,9 +2,13 @@
 
 The worker owns, for a shard of layers and per sequence, the LSH state of the offloaded
 keys of each KV head: the centre (mean of the offloaded keys), the centred key norms and
-L hash tables of K-bit SimHash buckets (``cpu_kernels.lsh``). Keys and values are never
-copied: the worker keeps views of the host tier (``KVStore.host[seq]``, ``[Hkv, capacity, D]``
-per layer, indexed by token position) and reads the rows it samples.
+L hash tables of K-bit SimHash buckets (``cpu_kernels.lsh``). It reads the rows it samples
+from the layer's host tier (``[Hkv, capacity, D]``, indexed by token position), either:
+
+- views of the host tier (``KVStore.host[seq]``) passed to ``build``: nothing is copied
+  (a worker in the process, ``orchestrator.local``); or
+- its own copy, filled from the ``rows`` that ``build`` and ``attend`` receive (a worker in
+  another process or on another node, ``orchestrator.ray_backend``).
 
 Positions ``[lo, hi)`` offloaded when the tables were built are sampled through them.
 Positions offloaded later (while decoding, a page at a time) are few: they are attended
@@ -12,13 +16,16 @@ exactly and merged, so no offloaded token is ever skipped. The caller rebuilds t
 when that tail grows.
 
 A plain class: no threads, no locks, no Ray. ``orchestrator.local`` runs its calls on a
-thread pool; a Ray backend can wrap it as an actor.
+thread pool; ``orchestrator.ray_backend`` wraps it as an actor. Either way a build may run
+while an attention call of another layer (or of the same layer, over the previous tables)
+does: a build replaces a layer's state in one assignment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +41,7 @@ class LayerLSH:
 
     Attributes
     ----------
-    keys, values : [Hkv, capacity, D] float32 views of the host tier.
+    keys, values : [Hkv, capacity, D] float32: views of the host tier, or the worker's copy.
     mean : [Hkv, D] float32, the centre of the keys in ``[lo, hi)``.
     norms : [Hkv, hi] float32, ``|k - mean|`` (0 below ``lo``).
     tables : ids over positions ``0..hi-1``; positions below ``lo`` are in bucket 0 and
@@ -53,6 +60,24 @@ class LayerLSH:
     @property
     def nbytes(self) -> int:
         return self.tables.nbytes + self.norms.nbytes + self.mean.nbytes
+
+
+class Rows(NamedTuple):
+    """Rows ``[start, start + n)`` of one layer's offloaded keys and values, sent to a worker
+    that keeps its own copy of the host tier.
+
+    Attributes
+    ----------
+    start : first position.
+    keys, values : [Hkv, n, D] float32.
+    capacity : positions of the sequence's host tier; the copy is allocated at this size
+        on its first rows (zeroed: memory is committed only as rows arrive).
+    """
+
+    start: int
+    keys: np.ndarray
+    values: np.ndarray
+    capacity: int
 
 
 class LSHWorker:
@@ -77,6 +102,7 @@ class LSHWorker:
                 raise ValueError(f"projection of layer {layer} must be [D, K*L={k * l}], got {r.shape}")
         self.k, self.l, self.scale = k, l, float(scale)
         self.state: dict[tuple[int, int], LayerLSH] = {}
+        self.copies: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # own host tier
         self.keys_read = 0  # summed over query heads and calls
         self.keys_offloaded = 0
 
@@ -84,19 +110,28 @@ class LSHWorker:
     def layers(self) -> list[int]:
         return sorted(self.projections)
 
-    def build(self, seq_id: int, layer: int, keys: Tensor | np.ndarray, values: Tensor | np.ndarray,
-              n_offloaded_lo: int, n_offloaded_hi: int) -> None:
+    def build(self, seq_id: int, layer: int, keys: Tensor | np.ndarray | None,
+              values: Tensor | np.ndarray | None, n_offloaded_lo: int, n_offloaded_hi: int,
+              rows: Rows | None = None) -> None:
         """Build the tables of one layer of ``seq_id`` over positions ``[lo, hi)``.
 
         Parameters
         ----------
         keys, values : [Hkv, capacity, D] float32, C-contiguous (CPU tensors or arrays): the
-            layer's host tier, kept as views.
+            layer's host tier, kept as views; or both None: the worker's own copy.
         n_offloaded_lo, n_offloaded_hi : the offloaded positions ``[lo, hi)``.
+        rows : rows stored into the worker's own copy first (see :class:`Rows`).
 
         A build older than the state it would replace (smaller ``hi``) is dropped.
         """
         r = self._projection(layer)
+        if rows is not None:
+            self._receive(seq_id, layer, rows)
+        if keys is None and values is None:
+            if (seq_id, layer) not in self.copies:
+                raise ValueError(f"no copy of the host tier of sequence {seq_id}, layer {layer}: "
+                                 f"pass keys and values, or rows")
+            keys, values = self.copies[(seq_id, layer)]
         keys, values = _host_rows(keys, "keys"), _host_rows(values, "values")
         lo, hi = int(n_offloaded_lo), int(n_offloaded_hi)
         hkv, cap, d = keys.shape
@@ -121,7 +156,7 @@ class LSHWorker:
         return (seq_id, layer) in self.state
 
     def attend(self, seq_id: int, layer: int, q: Tensor | np.ndarray, q_codes: Tensor | np.ndarray,
-               n_offloaded_hi: int | None = None) -> tuple[Tensor, Tensor]:
+               n_offloaded_hi: int | None = None, rows: Rows | None = None) -> tuple[Tensor, Tensor]:
         """Attention of ``q`` over the offloaded positions ``[lo, n_offloaded_hi)``.
 
         Parameters
@@ -130,6 +165,7 @@ class LSHWorker:
             ``q`` with the layer's projection and no centre.
         n_offloaded_hi : end of the offloaded positions now (default: the build's ``hi``).
             Positions from the build's ``hi`` on are attended exactly.
+        rows : rows offloaded since the build, stored into the worker's own copy first.
 
         Returns
         -------
@@ -139,11 +175,13 @@ class LSHWorker:
         st = self.state.get((seq_id, layer))
         if st is None:
             raise ValueError(f"no LSH tables for sequence {seq_id}, layer {layer}: call build first")
+        if rows is not None:
+            self._receive(seq_id, layer, rows)
         hi = st.hi if n_offloaded_hi is None else int(n_offloaded_hi)
         if not st.hi <= hi <= st.keys.shape[1]:
             raise ValueError(f"n_offloaded_hi={hi} must lie in [{st.hi}, {st.keys.shape[1]}] "
                              f"(the tables cover positions up to {st.hi})")
-        q = np.ascontiguousarray(_numpy(q), dtype=np.float32)
+        q = np.array(_numpy(q), dtype=np.float32, order="C")  # writable: torch reads it
         hq = q.shape[0]
         parts = []
         if st.hi > st.lo:
@@ -161,9 +199,16 @@ class LSHWorker:
         return merge_partials(*parts)
 
     def release(self, seq_id: int) -> None:
-        """Drop the state of every layer of ``seq_id`` (the views of its host tier too)."""
+        """Drop the state of every layer of ``seq_id`` (the views or copy of its host tier too)."""
         for key in [key for key in self.state if key[0] == seq_id]:
             del self.state[key]
+        for key in [key for key in self.copies if key[0] == seq_id]:
+            del self.copies[key]
+
+    def key_counts(self) -> tuple[int, int]:
+        """Keys read by attention calls and offloaded keys they could have read, summed over
+        query heads and calls."""
+        return self.keys_read, self.keys_offloaded
 
     def table_bytes(self, seq_id: int | None = None) -> dict[int, int]:
         """Bytes of LSH state (tables, norms, centres) per layer, of ``seq_id`` or of all."""
@@ -172,6 +217,28 @@ class LSHWorker:
             if seq_id is None or s == seq_id:
                 out[layer] += st.nbytes
         return out
+
+    def _receive(self, seq_id: int, layer: int, rows: Rows) -> None:
+        """Store ``rows`` into the worker's copy of the layer's host tier (allocated on the
+        first rows of the sequence)."""
+        keys, values = _numpy(rows.keys), _numpy(rows.values)
+        if keys.dtype != np.float32 or values.dtype != np.float32:
+            raise TypeError(f"rows must be float32 (the CPU kernels have no other path), got keys "
+                            f"{keys.dtype}, values {values.dtype}")
+        start, cap = int(rows.start), int(rows.capacity)
+        copy = self.copies.get((seq_id, layer))
+        if copy is None:
+            hkv, _, d = keys.shape
+            copy = self.copies[(seq_id, layer)] = (np.zeros((hkv, cap, d), np.float32),
+                                                   np.zeros((hkv, cap, d), np.float32))
+        n = keys.shape[1]
+        if values.shape != keys.shape or keys.shape[::2] != copy[0].shape[::2]:
+            raise ValueError(f"rows of keys {keys.shape} and values {values.shape} must be "
+                             f"[Hkv, n, D] like the copy {copy[0].shape}")
+        if not 0 <= start <= start + n <= copy[0].shape[1]:
+            raise ValueError(f"rows [{start}, {start + n}) must lie in [0, capacity={copy[0].shape[1]}]")
+        copy[0][:, start:start + n] = keys
+        copy[1][:, start:start + n] = values
 
     def _projection(self, layer: int) -> np.ndarray:
         if layer not in self.projections:

@@ -1,0 +1,356 @@
+"""The ``ray`` backend: CPU workers as Ray actors, on this machine or across a cluster.
+
+The plain :class:`orchestrator.lsh_worker.LSHWorker` becomes an actor where it is created
+(``ray.remote(**ACTOR_OPTIONS)``); layers are sharded over the actors as in the local
+backend (served layer ``i`` -> actor ``i % n``), ``n`` = the cluster's CPUs over the CPUs of
+one actor. This is the only module that imports Ray.
+
+An actor cannot view the driver's host tier, so it keeps its own copy of its layers'
+offloaded KV, and the driver sends each row once with the call that first needs it:
+
+- a build sends the rows its tables cover that earlier builds did not (all of ``[lo, hi)``
+  the first time, the tail since the previous build on a rebuild) through the object
+  store, which the actor reads without a copy and stores into its own arrays;
+- an attention call sends the pages offloaded since the previous call of that layer (one
+  page every ``page_size`` steps) inline with q and its codes: one call per layer and step.
+
+Builds and attention calls run in two threads of the actor (its "build" and "attend"
+concurrency groups), so attention never queues behind a rebuild; each group runs its calls
+in submission order and each carries the rows it needs, so no call reads a row that is
+still on its way. A layer's first attention call waits on the driver for its first build.
+
+Faults: every result is awaited for at most ``timeout_s``. A worker that died, or did not
+answer in time (it is then killed), fails the request with a :class:`WorkerError` naming the
+worker and its layers; the facade then releases the request's pages. The next request that
+builds tables on that shard gets a new actor: KV is not recovered mid-request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hetero.backend import CPUBackend, LSHSpec, WorkerError
+from orchestrator.lsh_worker import LSHWorker, Rows
+
+try:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+except ImportError as e:  # pragma: no cover - exercised by a test with ray hidden
+    raise ImportError("backend 'ray' needs Ray: pip install 'hetero[ray]' (or 'ray>=2.30')") from e
+
+logger = logging.getLogger(__name__)
+
+# Options of each worker actor (``ray.remote``): one CPU, numba on one thread (as the local
+# pool's threads), builds and attention calls in separate threads of the actor, and the
+# priority of the process that started the node: Ray's default niceness 15 for workers lets
+# the driver's torch threads starve them on shared cores (measured: 6x slower decode steps).
+ACTOR_OPTIONS: dict[str, Any] = {
+    "num_cpus": 1,
+    "concurrency_groups": {"build": 1, "attend": 1},
+    "runtime_env": {"env_vars": {"NUMBA_NUM_THREADS": "1", "RAY_worker_niceness": "0"}},
+}
+# Longest wait for a worker's answer: a layer's first attention waits for its build, which
+# at 16k tokens takes ~0.1 s per layer, all of an actor's layers queued before it.
+TIMEOUT_S = 120.0
+
+
+@dataclass(slots=True)
+class _Worker:
+    """The driver's handle of one actor."""
+
+    index: int
+    layers: list[int]
+    actor: Any
+    dead: bool = False
+
+    def __str__(self) -> str:
+        return f"CPU worker {self.index} (a Ray actor serving layers {', '.join(map(str, self.layers))})"
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What the driver sent an actor of one layer of one sequence."""
+
+    keys: Tensor  # the driver's host tier of the layer, [Hkv, capacity, D] (views)
+    values: Tensor
+    built: int  # rows [.., built) went with builds
+    attended: int  # rows [first build's hi, attended) went with attention calls
+    first: Any  # ObjectRef of the first build, until an attention call waited for it
+    latest: Any  # ObjectRef of the latest build, until its error (if any) was raised
+
+
+class RayFuture:
+    """A pending actor call; ``result`` waits at most the backend's ``timeout_s``."""
+
+    def __init__(self, backend: RayBackend, ref: Any, worker: _Worker, what: str):
+        self._backend, self._ref, self._worker, self._what = backend, ref, worker, what
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._backend._get(self._ref, self._worker, self._what, timeout)
+
+    def done(self) -> bool:
+        ready, _ = ray.wait([self._ref], timeout=0)
+        return bool(ready)
+
+
+class RayBackend(CPUBackend):
+    """LSH workers as Ray actors.
+
+    Parameters
+    ----------
+    address : None starts a local Ray instance sized to this machine (``os.cpu_count()``
+        CPUs, no dashboard, every server on the loopback interface); ``"host:port"`` (a
+        cluster's GCS address, as ``ray start --head`` prints it) or ``"auto"`` (the cluster
+        ``ray start`` runs on this machine) joins a cluster. If Ray is already initialised in
+        the process, it is used as it is.
+    n_workers : actors; default: the cluster's CPUs over ``actor_options["num_cpus"]``.
+    timeout_s : longest wait for a worker's answer before the request fails.
+    actor_options : overrides of :data:`ACTOR_OPTIONS` (Ray resources and options).
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, n_workers: int | None = None,
+                 timeout_s: float = TIMEOUT_S, actor_options: dict | None = None):
+        if n_workers is not None and (not isinstance(n_workers, int) or n_workers < 1):
+            raise ValueError(f"n_workers must be an integer >= 1, got {n_workers!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.n_workers, self.timeout_s = n_workers, float(timeout_s)
+        self.actor_options = {**ACTOR_OPTIONS, **(actor_options or {})}
+        self._owns_ray = _connect(address)
+        _warn_spinning_threads()
+        self._spec: LSHSpec | None = None
+        self._workers: list[_Worker] = []
+        self._owner: dict[int, _Worker] = {}
+        self._sent: dict[tuple[int, int], _Sent] = {}
+
+    @property
+    def workers(self) -> list[_Worker]:
+        return list(self._workers)
+
+    def start_lsh(self, spec: LSHSpec) -> None:
+        self._kill_workers()
+        self._spec, layers = spec, spec.layers
+        cpus = self.actor_options.get("num_cpus", 1) or 1
+        n = self.n_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+        n = min(n, len(layers)) or 1
+        self._workers = [_Worker(i, layers[i::n], None) for i in range(n)]
+        for w in self._workers:
+            w.actor = self._new_actor(w.layers)
+        self._owner = {layer: w for w in self._workers for layer in w.layers}
+        try:
+            ray.get([w.actor.__ray_ready__.remote() for w in self._workers], timeout=self.timeout_s)
+        except (GetTimeoutError, RayActorError) as e:
+            self._kill_workers()
+            raise WorkerError(
+                f"{n} CPU workers ({self.actor_options.get('num_cpus', 1)} CPU each) did not start "
+                f"within {self.timeout_s:g} s: the cluster has {ray.available_resources().get('CPU', 0):g} "
+                f"free CPUs; pass fewer n_workers or add nodes ({type(e).__name__})") from e
+
+    def submit_build(self, seq_id: int, layer: int, keys: Tensor, values: Tensor, lo: int, hi: int) -> RayFuture:
+        w = self._worker(layer)
+        if w.dead:  # a new request on a shard whose actor died: a fresh actor, empty
+            self._respawn(w)
+        sent = self._sent.get((seq_id, layer))
+        start = lo if sent is None else min(max(sent.built, lo), hi)
+        ref = w.actor.build.options(concurrency_group="build").remote(
+            seq_id, layer, None, None, lo, hi, _rows(keys, values, start, hi))
+        if sent is None:
+            self._sent[(seq_id, layer)] = _Sent(keys, values, hi, hi, ref, ref)
+        else:
+            sent.built, sent.latest = max(sent.built, hi), ref
+        return RayFuture(self, ref, w, f"the build of layer {layer} (sequence {seq_id})")
+
+    def submit_attend(self, seq_id: int, layer: int, q: Tensor, q_codes: Tensor, hi: int) -> RayFuture:
+        w = self._worker(layer)
+        what = f"attention of layer {layer} (sequence {seq_id})"
+        sent = self._sent.get((seq_id, layer))
+        if sent is None:
+            raise ValueError(f"no LSH tables for sequence {seq_id}, layer {layer}: submit_build first")
+        if sent.first is not None:  # the tables must exist before the first attention call
+            first, sent.first = sent.first, None
+            self._get(first, w, f"the build of layer {layer} (sequence {seq_id})")
+        if sent.latest is not None and RayFuture(self, sent.latest, w, "").done():
+            latest, sent.latest = sent.latest, None
+            self._get(latest, w, f"the build of layer {layer} (sequence {seq_id})")  # its error, once
+        rows = None
+        if hi > sent.attended:
+            rows, sent.attended = _rows(sent.keys, sent.values, sent.attended, hi), hi
+        ref = w.actor.attend.options(concurrency_group="attend").remote(
+            seq_id, layer, q.numpy(), q_codes.numpy(), hi, rows)
+        return RayFuture(self, ref, w, what)
+
+    def release(self, seq_id: int) -> None:
+        """Drop ``seq_id`` on every live worker (after its pending builds); a worker that
+        fails here is logged, not raised: release runs when a request ends, failed or not."""
+        for key in [key for key in self._sent if key[0] == seq_id]:
+            del self._sent[key]
+        calls = [(w, w.actor.release.options(concurrency_group="build").remote(seq_id))
+                 for w in self._workers if not w.dead]
+        for w, ref in calls:
+            try:
+                self._get(ref, w, f"the release of sequence {seq_id}")
+            except WorkerError as e:
+                logger.warning("%s", e)
+
+    def table_bytes(self, seq_id: int | None = None) -> dict[int, int]:
+        """Per layer; a dead worker's layers hold nothing (0)."""
+        out = dict.fromkeys(self._owner, 0)
+        for w, ref in self._on_live("table_bytes", seq_id):
+            out.update(self._get(ref, w, "table_bytes"))
+        return out
+
+    def key_counts(self) -> tuple[int, int]:
+        """Summed over the live workers (a dead worker's counts are lost with it)."""
+        counts = [self._get(ref, w, "key_counts") for w, ref in self._on_live("key_counts")]
+        return sum(r for r, _ in counts), sum(o for _, o in counts)
+
+    def describe(self) -> str:
+        nodes = sum(n["Alive"] for n in ray.nodes())
+        cpus = ray.cluster_resources().get("CPU", 0)
+        return (f"ray ({nodes} node(s), {cpus:g} CPUs, GCS {ray.get_runtime_context().gcs_address}; "
+                f"{len(self._workers)} worker actors)")
+
+    def close(self) -> None:
+        """Kill the actors; shut Ray down (or leave the cluster) if this backend started it."""
+        self._kill_workers()
+        self._sent.clear()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _new_actor(self, layers: list[int]) -> Any:
+        spec = self._spec
+        shard = {layer: spec.projections[layer] for layer in layers}
+        return ray.remote(**self.actor_options)(LSHWorker).remote(shard, spec.k, spec.l, spec.scale)
+
+    def _respawn(self, w: _Worker) -> None:
+        logger.warning("%s died earlier: starting a new actor for its layers", w)
+        ray.kill(w.actor)
+        for key in [key for key in self._sent if self._owner[key[1]] is w]:
+            del self._sent[key]  # its copy of the KV went with it
+        w.actor, w.dead = self._new_actor(w.layers), False
+
+    def _kill_workers(self) -> None:
+        if ray.is_initialized():  # else they went with it
+            for w in self._workers:
+                ray.kill(w.actor)
+        self._workers, self._owner = [], {}
+
+    def _on_live(self, method: str, *args) -> list[tuple[_Worker, Any]]:
+        return [(w, getattr(w.actor, method).remote(*args)) for w in self._workers if not w.dead]
+
+    def _worker(self, layer: int) -> _Worker:
+        if layer not in self._owner:
+            raise ValueError(f"no worker serves layer {layer}: start_lsh first (served: {sorted(self._owner)})")
+        return self._owner[layer]
+
+    def _get(self, ref: Any, w: _Worker, what: str, timeout: float | None = None) -> Any:
+        """``ray.get`` bounded by ``timeout`` (default ``timeout_s``); a dead or silent worker
+        becomes a :class:`WorkerError` (a silent one is killed)."""
+        timeout = self.timeout_s if timeout is None else timeout
+        try:
+            return ray.get(ref, timeout=timeout)
+        except RayActorError as e:
+            w.dead = True
+            raise WorkerError(f"{w} died during {what}: the request fails "
+                              f"({type(e).__name__}: {_first_line(e)})") from e
+        except GetTimeoutError as e:
+            w.dead = True
+            ray.kill(w.actor)
+            raise WorkerError(f"{w} did not answer {what} within {timeout:g} s (timeout_s): "
+                              f"it was killed and the request fails") from e
+
+
+def _warn_spinning_threads() -> None:
+    """torch's OpenMP threads spin between ops unless ``OMP_WAIT_POLICY=PASSIVE`` (read when
+    torch loads): on cores shared with the actors they starve them; measured on 2 cores at
+    1.5k tokens, magicpig decode steps took 540-800 ms spinning, 190 ms passive."""
+    global _warned
+    if _warned or torch.get_num_threads() == 1 or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        return
+    _warned = True
+    logger.warning("backend 'ray': torch's %d threads spin between ops and slow the actors on the "
+                   "cores they share; start Python with OMP_WAIT_POLICY=PASSIVE (or fewer torch "
+                   "threads) for faster decode steps", torch.get_num_threads())
+
+
+_warned = False
+
+
+def _rows(keys: Tensor, values: Tensor, start: int, stop: int) -> Rows:
+    """Rows ``[start, stop)`` of a layer's host tier as contiguous arrays to send."""
+    k, v = keys.numpy(), values.numpy()
+    return Rows(start, np.ascontiguousarray(k[:, start:stop]), np.ascontiguousarray(v[:, start:stop]),
+                k.shape[1])
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line for line in str(e).splitlines() if line.strip()), "")
+
+
+def _connect(address: str | None) -> bool:
+    """Initialise Ray for this process; True if this call did (so ``close`` undoes it)."""
+    if address is not None:
+        _check_address(address)
+    if ray.is_initialized():
+        if address is not None:
+            logger.info("Ray is already initialised in this process: ray_address %r is not used", address)
+        return False
+    if address is None:
+        with _loopback():
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+        return True
+    try:
+        ray.init(address=address)
+    except (ConnectionError, RuntimeError) as e:
+        raise ValueError(f"cannot join the Ray cluster at {address!r}: {e}") from e
+    return True
+
+
+def _check_address(address: str) -> None:
+    """A clear error at once for an address that is malformed or where nothing listens (Ray
+    itself retries for over a minute)."""
+    if address == "auto":
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"ray_address must be 'host:port' (the head's GCS address, as 'ray start "
+                         f"--head' prints it) or 'auto', got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ValueError(f"no Ray cluster answers at ray_address {address!r} ({e.strerror or e}): "
+                         f"start one with 'ray start --head --port={port}', or check the address") from None
+
+
+@contextmanager
+def _loopback():
+    """Make a local Ray instance take 127.0.0.1 as its node address, so that its servers
+    listen on the loopback interface only (Ray otherwise resolves 127.0.0.1 to the
+    machine's outward address and listens on every interface)."""
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # another Ray version: keep its default
+        logger.warning("cannot keep the local Ray instance on the loopback interface with Ray %s",
+                       ray.__version__)
+        yield
+        return
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old

@@ -1,0 +1,225 @@
+"""The ray backend with real actors on a local Ray instance started once for the module:
+results equal the local backend's on the same host tier (the oracle), rows reach the
+actors as the host tier grows, attention does not queue behind a build, a killed or silent
+actor fails the call with a named error and is replaced on the next build; end to end,
+greedy tokens equal the local backend's, and a killed actor fails the request, frees its
+pages and leaves the LLM usable and closable."""
+
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from hetero import LLM, SamplingParams
+from hetero.backend import LSHSpec, WorkerError
+from orchestrator.local import LocalBackend
+from orchestrator.ray_backend import RayBackend
+
+HKV, G, CAP, D, K, L = 2, 2, 128, 8, 0, 2
+CODES = torch.zeros(HKV * G, L, dtype=torch.int32)
+
+
+def _spec(layers=(2, 3), k=K, l=L, d=D):
+    rng = np.random.default_rng(0)
+    return LSHSpec(k, l, d**-0.5, {layer: rng.standard_normal((d, k * l), dtype=np.float32) for layer in layers})
+
+
+@pytest.fixture(scope="module")
+def driver():
+    """The module's Ray instance, started by a RayBackend as LLM(backend="ray") starts it."""
+    assert not ray.is_initialized()
+    b = RayBackend()
+    yield b
+    b.close()
+    assert not ray.is_initialized()  # it started Ray, so closing it shut Ray down
+
+
+@pytest.fixture
+def backend(driver):
+    b = RayBackend(n_workers=2, timeout_s=60)  # joins the module's instance
+    yield b
+    b.close()
+
+
+def test_local_instance_listens_on_loopback_only(driver):
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
+    assert driver.describe().startswith("ray (1 node(s)")
+
+
+def test_results_equal_the_local_backend_as_the_host_tier_grows(backend):
+    # the decode loop's pattern: tables over [16, 64), pages offloaded one by one (each
+    # written to the host tier after the build), a rebuild, more pages
+    k, v = torch.randn(HKV, CAP, D), torch.randn(HKV, CAP, D)
+    k[:, 64:], v[:, 64:] = 0, 0  # not offloaded yet
+    truth = torch.randn(HKV, CAP, D), torch.randn(HKV, CAP, D)
+    local = LocalBackend(n_threads=2)
+    try:
+        for b in (local, backend):
+            b.start_lsh(_spec())
+            for layer in (2, 3):
+                b.submit_build(0, layer, k, v, 16, 64)
+        steps = [(80, None), (96, 96), (112, None), (128, None)]  # (hi, rebuild up to)
+        for hi, rebuild in steps:
+            k[:, hi - 16:hi], v[:, hi - 16:hi] = truth[0][:, hi - 16:hi], truth[1][:, hi - 16:hi]
+            for layer in (2, 3):
+                if rebuild:  # waited for: both attend over the new tables
+                    for b in (local, backend):
+                        b.submit_build(0, layer, k, v, 16, rebuild).result()
+                q = torch.randn(HKV * G, D)
+                want = local.submit_attend(0, layer, q, CODES, hi).result()
+                got = backend.submit_attend(0, layer, q, CODES, hi).result()
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert backend.key_counts() == local.key_counts()
+        assert backend.table_bytes(0) == local.table_bytes(0) and all(backend.table_bytes(0).values())
+    finally:
+        local.close()
+    backend.release(0)
+    assert backend.table_bytes() == {2: 0, 3: 0}
+
+
+def test_layers_are_sharded_over_actors(backend):
+    backend.start_lsh(_spec(layers=(2, 3, 4)))
+    assert [w.layers for w in backend.workers] == [[2, 4], [3]]
+    assert "CPU worker 1 (a Ray actor serving layers 3)" == str(backend.workers[1])
+    with pytest.raises(ValueError, match="no worker serves layer 5"):
+        backend.submit_build(0, 5, torch.zeros(HKV, CAP, D), torch.zeros(HKV, CAP, D), 0, 8)
+    with pytest.raises(ValueError, match="submit_build first"):
+        backend.submit_attend(0, 2, torch.zeros(HKV * G, D), CODES, 8)
+
+
+def test_a_failed_build_surfaces_at_attend(backend):
+    backend.start_lsh(_spec())
+    k = torch.randn(HKV, CAP, D, dtype=torch.float64)
+    backend.submit_build(0, 2, k, k, 16, 64)
+    with pytest.raises(TypeError, match="float32"):
+        backend.submit_attend(0, 2, torch.zeros(HKV * G, D), CODES, 64)
+
+
+def test_attend_does_not_queue_behind_a_build(driver):
+    # one actor serves both layers; a long rebuild of layer 2 is running when layer 3 attends
+    b = RayBackend(n_workers=1, timeout_s=120)
+    try:
+        n, d, k_bits, l_tables = 200_000, 64, 8, 75
+        b.start_lsh(_spec(k=k_bits, l=l_tables, d=d))
+        keys, values = torch.randn(1, n, d), torch.randn(1, n, d)
+        b.submit_build(0, 3, keys, values, 16, 1024).result()
+        b.submit_build(0, 2, keys, values, 16, 1024).result()
+        build = b.submit_build(0, 2, keys, values, 16, n)  # ~0.5 s
+        codes = torch.zeros(G, l_tables, dtype=torch.int32)
+        out, _ = b.submit_attend(0, 3, torch.randn(G, d), codes, 1024).result()
+        assert out.shape == (G, d) and not build.done()
+        build.result()
+    finally:
+        b.close()
+
+
+def test_a_killed_actor_fails_the_call_by_name_and_is_replaced(backend):
+    backend.start_lsh(_spec())
+    k, v = torch.randn(HKV, CAP, D), torch.randn(HKV, CAP, D)
+    for layer in (2, 3):
+        backend.submit_build(0, layer, k, v, 16, 64)
+    backend.submit_attend(0, 3, torch.randn(HKV * G, D), CODES, 64).result()
+    ray.kill(backend.workers[1].actor)
+    t = time.perf_counter()
+    with pytest.raises(WorkerError, match=r"CPU worker 1 \(a Ray actor serving layers 3\) died during "
+                                          r"attention of layer 3 \(sequence 0\)"):
+        backend.submit_attend(0, 3, torch.randn(HKV * G, D), CODES, 64).result()
+    assert time.perf_counter() - t < 30
+    backend.release(0)  # logs the dead worker, does not raise
+    assert backend.table_bytes() == {2: 0, 3: 0}
+    backend.submit_build(1, 3, k, v, 16, 64)  # a new request: a new actor for layer 3
+    out, lse = backend.submit_attend(1, 3, torch.randn(HKV * G, D), CODES, 80).result()
+    assert torch.isfinite(lse).all() and not backend.workers[1].dead
+
+
+def test_a_silent_actor_times_out_and_is_killed(driver):
+    b = RayBackend(n_workers=1)
+    try:
+        b.start_lsh(_spec(layers=(2,), k=8, l=75, d=64))
+        b.timeout_s = 0.05
+        keys = torch.randn(1, 200_000, 64)
+        t = time.perf_counter()
+        with pytest.raises(WorkerError, match=r"CPU worker 0 .* did not answer the build of layer 2 "
+                                              r"\(sequence 0\) within 0.05 s"):
+            b.submit_build(0, 2, keys, keys, 16, 200_000).result()
+        assert time.perf_counter() - t < 10 and b.workers[0].dead
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("address, match", [
+    ("localhost", "host:port"), ("127.0.0.1:x", "host:port"), ("127.0.0.1:1", "no Ray cluster answers"),
+])
+def test_bad_addresses_are_clear_errors_at_once(address, match):
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        RayBackend(address)
+    assert time.perf_counter() - t < 10
+
+
+def test_missing_ray_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.delitem(sys.modules, "orchestrator.ray_backend")
+    with pytest.raises(ImportError, match=r"pip install 'hetero\[ray\]'"):
+        import orchestrator.ray_backend  # noqa: F401
+
+
+# -- end to end --------------------------------------------------------------------------
+
+PROMPT = open("/usr/share/common-licenses/GPL-3").read()[:6500]  # ~1.5k tokens
+GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
+EMBEDDED = {"magicpig": {}, "quest": {"token_budget": 128, "n_local": 32}}
+
+
+@pytest.mark.parametrize("policy", ["magicpig", "quest"])
+def test_greedy_tokens_equal_the_local_backend(driver, policy):
+    # rebuilds (after 512 new tokens) do not happen here: they run in the background, so
+    # which tables a step samples depends on timing in either backend
+    outs = {}
+    for backend in ("local", "ray"):
+        with LLM(device="cpu", policy=policy, policy_params=EMBEDDED[policy], device_kv_budget="128MiB",
+                 prefill_chunk=512, backend=backend) as llm:
+            (outs[backend],) = llm.generate(PROMPT, GREEDY)
+            assert llm.store.allocator.n_used == 0
+    assert outs["ray"].stats.prompt_tokens > 1200
+    assert outs["ray"].token_ids == outs["local"].token_ids
+    assert outs["ray"].stats.lsh_table_bytes == outs["local"].stats.lsh_table_bytes
+    assert (outs["ray"].stats.lsh_table_bytes > 0) == (policy == "magicpig")
+
+
+def _tiny(path, backend):
+    return LLM(path, device="cpu", page_size=4, prefill_chunk=32, policy="magicpig", backend=backend,
+               policy_params={"lsh_k": 4, "lsh_l": 8, "n_local": 16, "dense_layers": 0},
+               device_kv_budget="8MiB")
+
+
+def test_a_killed_actor_fails_the_request_and_the_llm_goes_on(driver, tiny_model_dir):
+    ids = list(range(300, 600))
+    with _tiny(tiny_model_dir, "local") as llm:
+        (want,) = llm.generate(ids, GREEDY)
+    llm = _tiny(tiny_model_dir, "ray")
+    llm.backend.timeout_s = 20
+    victim = llm.backend.workers[1]
+    calls = []
+    submit = llm.backend.submit_attend
+
+    def kill_on_the_fifth_call(*args):
+        calls.append(args[1])
+        if len(calls) == 5:
+            ray.kill(victim.actor)
+        return submit(*args)
+
+    llm.backend.submit_attend = kill_on_the_fifth_call
+    t = time.perf_counter()
+    with pytest.raises(WorkerError, match=r"CPU worker 1 \(a Ray actor serving layers 1\) died"):
+        llm.generate(ids, GREEDY)
+    assert time.perf_counter() - t < 60
+    assert llm.store.allocator.n_used == 0 and not llm.store.tables  # pages released
+    (again,) = llm.generate(ids, GREEDY)  # worker 1 was replaced
+    assert again.token_ids == want.token_ids
+    llm.close()
+    assert not llm.backend.workers
