@@ -98,8 +98,7 @@ class RayFuture:
         return self._backend._get(self._ref, self._worker, self._what, timeout)
 
     def done(self) -> bool:
-        ready, _ = ray.wait([self._ref], timeout=0)
-        return bool(ready)
+        return _done(self._ref)
 
 
 class RayBackend(CPUBackend):
@@ -180,7 +179,7 @@ class RayBackend(CPUBackend):
         if sent.first is not None:  # the tables must exist before the first attention call
             first, sent.first = sent.first, None
             self._get(first, w, f"the build of layer {layer} (sequence {seq_id})")
-        if sent.latest is not None and RayFuture(self, sent.latest, w, "").done():
+        if sent.latest is not None and _done(sent.latest):
             latest, sent.latest = sent.latest, None
             self._get(latest, w, f"the build of layer {layer} (sequence {seq_id})")  # its error, once
         rows = None
@@ -295,6 +294,11 @@ def _rows(keys: Tensor, values: Tensor, start: int, stop: int) -> Rows:
     k, v = keys.numpy(), values.numpy()
     return Rows(start, np.ascontiguousarray(k[:, start:stop]), np.ascontiguousarray(v[:, start:stop]),
                 k.shape[1])
+
+
+def _done(ref: Any) -> bool:
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)
 
 
 def _first_line(e: BaseException) -> str:

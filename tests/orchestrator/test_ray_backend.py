@@ -171,7 +171,7 @@ def test_missing_ray_says_how_to_install(monkeypatch):
 # -- end to end --------------------------------------------------------------------------
 
 PROMPT = open("/usr/share/common-licenses/GPL-3").read()[:6500]  # ~1.5k tokens
-GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
+GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
 EMBEDDED = {"magicpig": {}, "quest": {"token_budget": 128, "n_local": 32}}
 
 
