@@ -50,13 +50,13 @@ except ImportError as e:  # pragma: no cover - exercised by a test with ray hidd
 logger = logging.getLogger(__name__)
 
 # Options of each worker actor (``ray.remote``): one CPU, numba on one thread (as the local
-# pool's threads), builds and attention calls in separate threads of the actor, and the
-# priority of the process that started the node: Ray's default niceness 15 for workers lets
-# the driver's torch threads starve them on shared cores (measured: 6x slower decode steps).
+# pool's threads), builds and attention calls in separate threads of the actor. Ray's
+# default worker niceness (15) stays: on 2 shared cores with spinning torch threads in the
+# driver, actors at niceness 0 made decode steps 2.5-4x slower (785 ms against 200-300).
 ACTOR_OPTIONS: dict[str, Any] = {
     "num_cpus": 1,
     "concurrency_groups": {"build": 1, "attend": 1},
-    "runtime_env": {"env_vars": {"NUMBA_NUM_THREADS": "1", "RAY_worker_niceness": "0"}},
+    "runtime_env": {"env_vars": {"NUMBA_NUM_THREADS": "1"}},
 }
 # Longest wait for a worker's answer: a layer's first attention waits for its build, which
 # at 16k tokens takes ~0.1 s per layer, all of an actor's layers queued before it.
@@ -110,7 +110,7 @@ class RayBackend(CPUBackend):
         CPUs, no dashboard, every server on the loopback interface); ``"host:port"`` (a
         cluster's GCS address, as ``ray start --head`` prints it) or ``"auto"`` (the cluster
         ``ray start`` runs on this machine) joins a cluster. If Ray is already initialised in
-        the process, it is used as it is.
+        the process (by another backend, or by the caller), it is used as it is.
     n_workers : actors; default: the cluster's CPUs over ``actor_options["num_cpus"]``.
     timeout_s : longest wait for a worker's answer before the request fails.
     actor_options : overrides of :data:`ACTOR_OPTIONS` (Ray resources and options).
@@ -127,7 +127,7 @@ class RayBackend(CPUBackend):
         self.n_workers, self.timeout_s = n_workers, float(timeout_s)
         self.actor_options = {**ACTOR_OPTIONS, **(actor_options or {})}
         self._owns_ray = _connect(address)
-        _warn_spinning_threads()
+        _advise_passive_wait()
         self._spec: LSHSpec | None = None
         self._workers: list[_Worker] = []
         self._owner: dict[int, _Worker] = {}
@@ -221,11 +221,12 @@ class RayBackend(CPUBackend):
                 f"{len(self._workers)} worker actors)")
 
     def close(self) -> None:
-        """Kill the actors; shut Ray down (or leave the cluster) if this backend started it."""
+        """Kill the actors; shut Ray down (or leave the cluster) if this backend started it
+        and no other backend still uses it."""
         self._kill_workers()
         self._sent.clear()
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
+        if self._owns_ray:
+            _disconnect()
         self._owns_ray = False
 
     # -- internals -----------------------------------------------------------------------
@@ -273,20 +274,20 @@ class RayBackend(CPUBackend):
                               f"it was killed and the request fails") from e
 
 
-def _warn_spinning_threads() -> None:
+def _advise_passive_wait() -> None:
     """torch's OpenMP threads spin between ops unless ``OMP_WAIT_POLICY=PASSIVE`` (read when
-    torch loads): on cores shared with the actors they starve them; measured on 2 cores at
-    1.5k tokens, magicpig decode steps took 540-800 ms spinning, 190 ms passive."""
-    global _warned
-    if _warned or torch.get_num_threads() == 1 or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+    torch loads), taking cycles from actors on the same cores; measured on 2 shared cores at
+    2k tokens, magicpig decode steps took 200-300 ms spinning, 175-200 ms passive."""
+    global _advised
+    if _advised or torch.get_num_threads() == 1 or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         return
-    _warned = True
-    logger.warning("backend 'ray': torch's %d threads spin between ops and slow the actors on the "
-                   "cores they share; start Python with OMP_WAIT_POLICY=PASSIVE (or fewer torch "
-                   "threads) for faster decode steps", torch.get_num_threads())
+    _advised = True
+    logger.info("backend 'ray': torch's %d threads spin between ops, taking cycles from actors on "
+                "the same cores; OMP_WAIT_POLICY=PASSIVE (set before Python starts) makes decode "
+                "steps faster there", torch.get_num_threads())
 
 
-_warned = False
+_advised = False
 
 
 def _rows(keys: Tensor, values: Tensor, start: int, stop: int) -> Rows:
@@ -305,23 +306,40 @@ def _first_line(e: BaseException) -> str:
     return next((line for line in str(e).splitlines() if line.strip()), "")
 
 
+_users = 0  # backends using the Ray connection this module made; the last one closes it
+
+
 def _connect(address: str | None) -> bool:
-    """Initialise Ray for this process; True if this call did (so ``close`` undoes it)."""
+    """Initialise Ray for this process, or share the connection an earlier backend made;
+    True if the caller must hand it back with :func:`_disconnect`."""
+    global _users
     if address is not None:
         _check_address(address)
     if ray.is_initialized():
+        if _users:
+            _users += 1
+            return True
         if address is not None:
             logger.info("Ray is already initialised in this process: ray_address %r is not used", address)
         return False
     if address is None:
         with _loopback():
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
-        return True
-    try:
-        ray.init(address=address)
-    except (ConnectionError, RuntimeError) as e:
-        raise ValueError(f"cannot join the Ray cluster at {address!r}: {e}") from e
+    else:
+        try:
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError) as e:
+            raise ValueError(f"cannot join the Ray cluster at {address!r}: {e}") from e
+    _users = 1
     return True
+
+
+def _disconnect() -> None:
+    """Shut down the local instance (or leave the cluster) when its last backend closes."""
+    global _users
+    _users -= 1
+    if _users == 0 and ray.is_initialized():
+        ray.shutdown()
 
 
 def _check_address(address: str) -> None:

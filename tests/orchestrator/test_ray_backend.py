@@ -50,6 +50,12 @@ def test_local_instance_listens_on_loopback_only(driver):
     assert driver.describe().startswith("ray (1 node(s)")
 
 
+def test_backends_share_the_instance_until_the_last_closes(driver):
+    other = RayBackend()
+    other.close()
+    assert ray.is_initialized()  # the driver still uses it
+
+
 def test_results_equal_the_local_backend_as_the_host_tier_grows(backend):
     # the decode loop's pattern: tables over [16, 64), pages offloaded one by one (each
     # written to the host tier after the build), a rebuild, more pages
