@@ -1,6 +1,7 @@
 """LSHWorker: tables over the host tier's offloaded rows, sampled attention against the
 kernels' torch references, the exact limit (K=0 samples every key), the exactly attended
-tail, release and bad arguments."""
+tail, an own copy filled from rows (a worker in another process) equal to views, release and
+bad arguments."""
 
 import math
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.lsh_worker import LSHWorker
+from orchestrator.lsh_worker import LSHWorker, Rows
 from tests.cpu_kernels.lsh_reference import (
     probe_reference, sampled_attention_reference, simhash_reference,
 )
@@ -153,3 +154,34 @@ def test_bad_calls():
     worker.build(0, LAYER, keys, values, 16, 64)
     with pytest.raises(ValueError, match="n_offloaded_hi"):
         worker.attend(0, LAYER, torch.zeros(HKV * G, D), torch.zeros(HKV * G, 8, dtype=torch.int32), 32)
+
+
+def test_an_own_copy_filled_from_rows_equals_views_of_the_host_tier():
+    # a worker in another process receives the rows instead of viewing the host tier
+    keys, values = _host()
+    viewer, r = _worker(4, 8)
+    owner, _ = _worker(4, 8)
+    viewer.build(0, LAYER, keys, values, 16, 96)
+    owner.build(0, LAYER, None, None, 16, 96, rows=Rows(16, keys[:, 16:96].numpy(), values[:, 16:96].numpy(), CAP))
+    assert not np.shares_memory(owner.state[(0, LAYER)].keys, keys.numpy())
+    q = torch.randn(HKV * G, D, generator=torch.Generator().manual_seed(4))
+    codes = simhash_reference(q, r, 4, 8).to(torch.int32)
+    tail = Rows(96, keys[:, 96:112].numpy(), values[:, 96:112].numpy(), CAP)
+    for want, got in zip(viewer.attend(0, LAYER, q, codes, 112), owner.attend(0, LAYER, q, codes, 112, rows=tail)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert owner.key_counts() == viewer.key_counts()
+    owner.release(0)
+    assert not owner.copies and not owner.state
+
+
+def test_bad_rows():
+    keys, values = _host()
+    worker, _ = _worker(4, 8)
+    with pytest.raises(ValueError, match="no copy of the host tier"):
+        worker.build(0, LAYER, None, None, 16, 32)
+    with pytest.raises(TypeError, match="float32"):
+        worker.build(0, LAYER, None, None, 16, 32, rows=Rows(16, keys[:, 16:32].double().numpy(),
+                                                             values[:, 16:32].double().numpy(), CAP))
+    with pytest.raises(ValueError, match="capacity"):
+        worker.build(0, LAYER, None, None, 16, 32, rows=Rows(CAP - 8, keys[:, 16:32].numpy(),
+                                                             values[:, 16:32].numpy(), CAP))
