@@ -205,13 +205,13 @@ class RayBackend(CPUBackend):
     def table_bytes(self, seq_id: int | None = None) -> dict[int, int]:
         """Per layer; a dead worker's layers hold nothing (0)."""
         out = dict.fromkeys(self._owner, 0)
-        for w, ref in self._on_live("table_bytes", seq_id):
-            out.update(self._get(ref, w, "table_bytes"))
+        for counts in self._ask_live("table_bytes", seq_id):
+            out.update(counts)
         return out
 
     def key_counts(self) -> tuple[int, int]:
         """Summed over the live workers (a dead worker's counts are lost with it)."""
-        counts = [self._get(ref, w, "key_counts") for w, ref in self._on_live("key_counts")]
+        counts = self._ask_live("key_counts")
         return sum(r for r, _ in counts), sum(o for _, o in counts)
 
     def describe(self) -> str:
@@ -249,8 +249,17 @@ class RayBackend(CPUBackend):
                 ray.kill(w.actor)
         self._workers, self._owner = [], {}
 
-    def _on_live(self, method: str, *args) -> list[tuple[_Worker, Any]]:
-        return [(w, getattr(w.actor, method).remote(*args)) for w in self._workers if not w.dead]
+    def _ask_live(self, method: str, *args) -> list[Any]:
+        """The answers of the live workers to a bookkeeping call; one that fails is logged and
+        left out (these figures are read while a failed request is cleaned up, too)."""
+        calls = [(w, getattr(w.actor, method).remote(*args)) for w in self._workers if not w.dead]
+        answers = []
+        for w, ref in calls:
+            try:
+                answers.append(self._get(ref, w, method))
+            except WorkerError as e:
+                logger.warning("%s", e)
+        return answers
 
     def _worker(self, layer: int) -> _Worker:
         if layer not in self._owner:

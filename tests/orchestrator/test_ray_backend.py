@@ -129,7 +129,12 @@ def test_a_killed_actor_fails_the_call_by_name_and_is_replaced(backend):
     for layer in (2, 3):
         backend.submit_build(0, layer, k, v, 16, 64)
     backend.submit_attend(0, 3, torch.randn(HKV * G, D), CODES, 64).result()
-    ray.kill(backend.workers[1].actor)
+    victim = backend.workers[1].actor
+    ray.kill(victim)
+    with pytest.raises(ray.exceptions.RayActorError):  # dead now, the backend does not know
+        ray.get(victim.__ray_ready__.remote(), timeout=30)
+    sizes = backend.table_bytes(0)  # read as a failed request is cleaned up: logged, no raise
+    assert sizes[2] > 0 and sizes[3] == 0 and backend.workers[1].dead
     t = time.perf_counter()
     with pytest.raises(WorkerError, match=r"CPU worker 1 \(a Ray actor serving layers 3\) died during "
                                           r"attention of layer 3 \(sequence 0\)"):
