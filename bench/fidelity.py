@@ -41,9 +41,8 @@ def _magicpig(plan) -> System:
     return hetero("magicpig", dense_layers=plan.dense_layers)
 
 
-def _sparse(policy: str, fraction: float, n: int, dense_layers: int) -> System:
-    t = _budget(fraction, n)
-    return hetero_sparse(policy, t, dense_layers, n_local=min(64, max(16, t // 4)))
+def _sparse(policy: str, budget: int, dense_layers: int) -> System:
+    return hetero_sparse(policy, budget, dense_layers, n_local=min(64, max(16, budget // 4)))
 
 
 class _Fidelity:
@@ -74,7 +73,7 @@ class _Fidelity:
 
     def hetero_configs(self, n: int) -> list[tuple[System, float | None]]:
         return [(hetero("dense"), None)] + [
-            (_sparse(p, f, n, self.plan.dense_layers), f) for p in SPARSE for f in self.plan.fractions
+            (_sparse(p, _budget(f, n), self.plan.dense_layers), f) for p in SPARSE for f in self.plan.fractions
         ]
 
     def needle_tokens(self) -> int:
@@ -126,8 +125,7 @@ class _Fidelity:
 
             for policy in SPARSE:
                 for f, budget in fractions.items():
-                    system = hetero_sparse(policy, budget, plan.dense_layers,
-                                           n_local=min(64, max(16, budget // 4)))
+                    system = _sparse(policy, budget, plan.dense_layers)
                     bar.set_postfix_str(f"attention error {system.name} {f:.3f} {n} tok")
                     probe = probe_attention(self.llm(system, n + steps + 16), ids, steps)
                     self.error_row(system, n, f, probe.step_errors(plan.dense_layers),

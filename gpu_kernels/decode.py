@@ -163,8 +163,9 @@ def _decode_torch(
     the G query heads of a KV head are the query rows of one attention call. A sequence whose
     KV heads share one page list (dense: an expanded view, or equal rows) is computed for all
     heads at once; so is one whose heads list different pages of equal count (sparse
-    policies), gathered by one page index; otherwise head by head. Partials beyond the first of each sequence are
-    merged by LSE once for the whole batch (small tensor ops cost more than their data here).
+    policies), gathered by one page index; otherwise head by head. Partials beyond the first
+    of each sequence are merged by LSE once for the whole batch (small tensor ops cost more
+    than their data here).
     """
     name = "paged_decode_attention"
     b, hq, d = q.shape
@@ -198,7 +199,8 @@ def _decode_torch(
             runs = page_runs(name, tables[i][0], lens[i][0], page_size, n_pages)
             groups = [(slice(None), kv_blocks(k_cache, v_cache, runs, page_size))]
         elif same_len[i]:  # sparse heads, equal counts: one gather, all heads at once
-            groups = [(slice(None), gather_heads(name, k_cache, v_cache, block_table[i], lens[i][0], page_size))]
+            blocks = gather_heads(name, k_cache, v_cache, block_table[i], lens[i][0], page_size)
+            groups = [(slice(None), blocks)]
         else:
             groups = [
                 (slice(h, h + 1), kv_blocks(
