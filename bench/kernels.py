@@ -7,7 +7,9 @@ thread (as the local backend runs it), over the tables the run built. Bytes per 
 count what the kernel must read: per query head the L bucket offsets and id runs it
 probes, and the key and value rows (plus a norm) of each candidate it samples. The copy
 bandwidth is ``numpy.copyto`` of a buffer far larger than the caches on one thread,
-counting the bytes read and written.
+counting the bytes read and written. The tables of every sparse layer are then built
+again, one layer at a time on one thread, for the build time a magicpig request waits for
+after its prefill (its first decode steps wait for the layers' builds).
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ def kernel_rows(session: Session, n: int, bar) -> list[dict]:
     backend, calls = llm.backend, []
     submit, release = backend.submit_attend, backend.release
 
-    def record(seq_id, layer, q, q_codes, hi):
-        calls.append((seq_id, layer, q.numpy().copy(), q_codes.numpy().copy()))
-        return submit(seq_id, layer, q, q_codes, hi)
+    def record(layer, seq_ids, q, q_codes, his):
+        calls.extend((seq_id, layer, q[i].numpy().copy(), q_codes[i].numpy().copy())
+                     for i, seq_id in enumerate(seq_ids))
+        return submit(layer, seq_ids, q, q_codes, his)
 
     backend.submit_attend, backend.release = record, lambda seq_id: None  # keep the tables
     try:
@@ -90,6 +93,12 @@ def kernel_rows(session: Session, n: int, bar) -> list[dict]:
             rates.append(_call_bytes(st, q_codes, counts) / dt / 1e9)
             shares.append(float(counts.mean()) / (st.hi - st.lo))
             per_key.append(st.nbytes / (st.keys.shape[0] * (st.hi - st.lo)))
+        builds = []  # each sparse layer's tables again, as the prefill's end built them
+        for (seq_id, layer), st in sorted({(s, layer): backend._worker(layer).state[(s, layer)]
+                                           for s, layer, _, _ in calls}.items()):
+            t = time.perf_counter()
+            backend._worker(layer).build(seq_id, layer, st.keys, st.values, st.lo, st.hi)
+            builds.append(1e3 * (time.perf_counter() - t))
     finally:
         numba.set_num_threads(threads)
         llm.close()
@@ -99,6 +108,8 @@ def kernel_rows(session: Session, n: int, bar) -> list[dict]:
              "calls": len(calls),
              "metrics": {"us_per_call": summary(times), "gb_per_s": summary(rates),
                          "sampled_share": summary(shares),
+                         "build_ms_per_layer": summary(builds),
+                         "build_s_all_layers": summary([sum(builds) / 1e3]),
                          "table_bytes_per_key": summary(per_key),
                          "kv_bytes_per_key": summary([2.0 * d * 4])}}]
 

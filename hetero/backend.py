@@ -80,13 +80,16 @@ class CPUBackend(ABC):
         """
 
     @abstractmethod
-    def submit_attend(self, seq_id: int, layer: int, q: Tensor, q_codes: Tensor, hi: int) -> Future:
-        """Attention of ``q`` [Hq, D] (float32, CPU) with codes ``q_codes`` [Hq, L] over the
-        offloaded positions ``[lo, hi)`` of one layer: sampled where the tables reach, exact
-        beyond. The future's result is ``(out [Hq, D] float32, lse [Hq] float32)``, CPU
-        tensors (``lse = -inf`` and ``out = 0`` where nothing is offloaded).
+    def submit_attend(self, layer: int, seq_ids: list[int], q: Tensor, q_codes: Tensor,
+                      his: list[int]) -> Future:
+        """Attention of one layer for a batch: ``q[i]`` [Hq, D] (float32, CPU) with codes
+        ``q_codes[i]`` [Hq, L] over the offloaded positions ``[lo, his[i])`` of sequence
+        ``seq_ids[i]``, sampled where its tables reach, exact beyond. One call per layer and
+        step for the whole batch. The future's result is ``(out [n, Hq, D] float32, lse
+        [n, Hq] float32)``, CPU tensors (``lse = -inf`` and ``out = 0`` where nothing is
+        offloaded).
 
-        Waits for the layer's first build if it is still running.
+        Waits for a sequence's first build of the layer if it is still running.
         """
 
     @abstractmethod

@@ -18,10 +18,25 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numba
+import torch
 from torch import Tensor
 
 from hetero.backend import CPUBackend, LSHSpec
 from orchestrator.lsh_worker import LSHWorker
+
+
+class _Stacked:
+    """The futures of a batch's per-sequence calls as one: ``(out, lse)`` stacked."""
+
+    def __init__(self, futures: list[Future]):
+        self._futures = futures
+
+    def result(self, timeout: float | None = None) -> tuple[Tensor, Tensor]:
+        parts = [f.result(timeout) for f in self._futures]
+        return torch.stack([out for out, _ in parts]), torch.stack([lse for _, lse in parts])
+
+    def done(self) -> bool:
+        return all(f.done() for f in self._futures)
 
 
 def _one_numba_thread() -> None:
@@ -82,16 +97,21 @@ class LocalBackend(CPUBackend):
         self._builds[(seq_id, layer)] = future
         return future
 
-    def submit_attend(self, seq_id: int, layer: int, q: Tensor, q_codes: Tensor, hi: int) -> Future:
+    def submit_attend(self, layer: int, seq_ids: list[int], q: Tensor, q_codes: Tensor,
+                      his: list[int]) -> Future:
         worker = self._worker(layer)
-        build = self._builds.get((seq_id, layer))
-        if build is not None:
+        for seq_id in seq_ids:
+            build = self._builds.get((seq_id, layer))
+            if build is None:
+                continue
             if not worker.has(seq_id, layer):  # the first build: nothing to sample yet
                 build.result()
             if build.done():
                 build.result()  # raises a failed build's error here, once
                 del self._builds[(seq_id, layer)]
-        return self.pool.submit(worker.attend, seq_id, layer, q, q_codes, hi)
+        # one task per sequence: the pool's threads share a batch's layer
+        return _Stacked([self.pool.submit(worker.attend, seq_id, layer, q[i], q_codes[i], his[i])
+                         for i, seq_id in enumerate(seq_ids)])
 
     def release(self, seq_id: int) -> None:
         self._wait_builds(seq_id)

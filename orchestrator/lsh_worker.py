@@ -198,6 +198,16 @@ class LSHWorker:
             return torch.zeros(q.shape, dtype=torch.float32), torch.full((hq,), float("-inf"))
         return merge_partials(*parts)
 
+    def attend_batch(self, layer: int, seq_ids: list[int], q: np.ndarray, q_codes: np.ndarray,
+                     his: list[int], rows: list[Rows | None]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`attend` for each sequence of a batch, as one call (one remote call per layer
+        and step): ``q`` [n, Hq, D], ``q_codes`` [n, Hq, L], ``his`` and ``rows`` per
+        sequence. Returns ``out`` [n, Hq, D] and ``lse`` [n, Hq] as arrays, which Ray passes
+        without pickling."""
+        parts = [self.attend(seq_id, layer, q[i], q_codes[i], his[i], rows[i])
+                 for i, seq_id in enumerate(seq_ids)]
+        return np.stack([out.numpy() for out, _ in parts]), np.stack([lse.numpy() for _, lse in parts])
+
     def release(self, seq_id: int) -> None:
         """Drop the state of every layer of ``seq_id`` (the views or copy of its host tier too)."""
         for key in [key for key in self.state if key[0] == seq_id]:

@@ -12,7 +12,8 @@ offloaded KV, and the driver sends each row once with the call that first needs 
   the first time, the tail since the previous build on a rebuild) through the object
   store, which the actor reads without a copy and stores into its own arrays;
 - an attention call sends the pages offloaded since the previous call of that layer (one
-  page every ``page_size`` steps) inline with q and its codes: one call per layer and step.
+  page every ``page_size`` steps) inline with q and its codes: one call per layer and step
+  for the whole batch.
 
 Builds and attention calls run in two threads of the actor (its "build" and "attend"
 concurrency groups), so attention never queues behind a rebuild; each group runs its calls
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -89,13 +91,15 @@ class _Sent:
 
 
 class RayFuture:
-    """A pending actor call; ``result`` waits at most the backend's ``timeout_s``."""
+    """A pending actor call; ``result`` waits at most the backend's ``timeout_s`` and
+    returns the call's result through ``post``."""
 
-    def __init__(self, backend: RayBackend, ref: Any, worker: _Worker, what: str):
-        self._backend, self._ref, self._worker, self._what = backend, ref, worker, what
+    def __init__(self, backend: RayBackend, ref: Any, worker: _Worker, what: str,
+                 post: Callable[[Any], Any] = lambda x: x):
+        self._backend, self._ref, self._worker, self._what, self._post = backend, ref, worker, what, post
 
     def result(self, timeout: float | None = None) -> Any:
-        return self._backend._get(self._ref, self._worker, self._what, timeout)
+        return self._post(self._backend._get(self._ref, self._worker, self._what, timeout))
 
     def done(self) -> bool:
         return _done(self._ref)
@@ -170,24 +174,28 @@ class RayBackend(CPUBackend):
             sent.built, sent.latest = max(sent.built, hi), ref
         return RayFuture(self, ref, w, f"the build of layer {layer} (sequence {seq_id})")
 
-    def submit_attend(self, seq_id: int, layer: int, q: Tensor, q_codes: Tensor, hi: int) -> RayFuture:
+    def submit_attend(self, layer: int, seq_ids: list[int], q: Tensor, q_codes: Tensor,
+                      his: list[int]) -> RayFuture:
         w = self._worker(layer)
-        what = f"attention of layer {layer} (sequence {seq_id})"
-        sent = self._sent.get((seq_id, layer))
-        if sent is None:
-            raise ValueError(f"no LSH tables for sequence {seq_id}, layer {layer}: submit_build first")
-        if sent.first is not None:  # the tables must exist before the first attention call
-            first, sent.first = sent.first, None
-            self._get(first, w, f"the build of layer {layer} (sequence {seq_id})")
-        if sent.latest is not None and _done(sent.latest):
-            latest, sent.latest = sent.latest, None
-            self._get(latest, w, f"the build of layer {layer} (sequence {seq_id})")  # its error, once
-        rows = None
-        if hi > sent.attended:
-            rows, sent.attended = _rows(sent.keys, sent.values, sent.attended, hi), hi
-        ref = w.actor.attend.options(concurrency_group="attend").remote(
-            seq_id, layer, q.numpy(), q_codes.numpy(), hi, rows)
-        return RayFuture(self, ref, w, what)
+        rows = []
+        for seq_id, hi in zip(seq_ids, his):
+            sent = self._sent.get((seq_id, layer))
+            if sent is None:
+                raise ValueError(f"no LSH tables for sequence {seq_id}, layer {layer}: submit_build first")
+            build = f"the build of layer {layer} (sequence {seq_id})"
+            if sent.first is not None:  # the tables must exist before the first attention call
+                first, sent.first = sent.first, None
+                self._get(first, w, build)
+            if sent.latest is not None and _done(sent.latest):
+                latest, sent.latest = sent.latest, None
+                self._get(latest, w, build)  # its error, once
+            rows.append(None)
+            if hi > sent.attended:
+                rows[-1], sent.attended = _rows(sent.keys, sent.values, sent.attended, hi), hi
+        ref = w.actor.attend_batch.options(concurrency_group="attend").remote(
+            layer, list(seq_ids), q.numpy(), q_codes.numpy(), list(his), rows)
+        seqs = f"sequence{'s' * (len(seq_ids) > 1)} {', '.join(map(str, seq_ids))}"
+        return RayFuture(self, ref, w, f"attention of layer {layer} ({seqs})", _tensors)
 
     def release(self, seq_id: int) -> None:
         """Drop ``seq_id`` on every live worker (after its pending builds); a worker that
@@ -304,6 +312,11 @@ def _rows(keys: Tensor, values: Tensor, start: int, stop: int) -> Rows:
     k, v = keys.numpy(), values.numpy()
     return Rows(start, np.ascontiguousarray(k[:, start:stop]), np.ascontiguousarray(v[:, start:stop]),
                 k.shape[1])
+
+
+def _tensors(arrays: tuple[np.ndarray, ...]) -> tuple[Tensor, ...]:
+    """Tensors of arrays returned by an actor (read-only views of the object store: copied)."""
+    return tuple(torch.from_numpy(np.array(a)) for a in arrays)
 
 
 def _done(ref: Any) -> bool:

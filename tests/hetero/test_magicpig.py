@@ -60,6 +60,20 @@ def test_zero_bits_equal_dense_with_the_decode_tail(tiny_model_dir, tiny_ids, de
     assert llm.store.allocator.n_used == 0
 
 
+def test_a_batch_makes_one_worker_call_per_layer_and_step(tiny_model_dir, tiny_ids, dense_tokens):
+    # two prompts decoded together, every key sampled (K=0): each equals its dense run
+    other = tiny_ids[150:] + tiny_ids[:150]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    (want_other,) = _tiny(tiny_model_dir, "dense").generate(other, params)
+    llm = _tiny(tiny_model_dir, lsh_k=0, lsh_l=2, n_sink=4, n_local=16, dense_layers=0)
+    calls = []
+    submit = llm.backend.submit_attend
+    llm.backend.submit_attend = lambda layer, seqs, *a: calls.append(len(seqs)) or submit(layer, seqs, *a)
+    outs = llm.generate([tiny_ids, other], params)
+    assert [o.token_ids for o in outs] == [dense_tokens, want_other.token_ids]
+    assert len(calls) == llm.config.n_layers * (params.max_new_tokens - 1) and set(calls) == {2}
+
+
 def test_memory_report_counts_the_tables_of_live_sequences(tiny_model_dir):
     llm = _tiny(tiny_model_dir, lsh_k=4, lsh_l=6, n_local=16, dense_layers=1)
     seen = []
@@ -141,8 +155,9 @@ def test_error_is_below_streaming_at_the_same_keys_touched():
     ids = pig.tokenizer(FILLER)["input_ids"][:2048]
     calls = []
     submit = pig.backend.submit_attend
-    pig.backend.submit_attend = lambda s, layer, q, c, hi: (
-        calls.append(pig.store.tables[s].n_tokens - (hi - 16)) or submit(s, layer, q, c, hi))
+    pig.backend.submit_attend = lambda layer, seqs, q, c, his: (
+        calls.extend(pig.store.tables[s].n_tokens - (hi - 16) for s, hi in zip(seqs, his))
+        or submit(layer, seqs, q, c, his))
     err = attention_error(pig, ids, skip_layers=2)
     read, _ = pig.backend.key_counts()
     sampled = read / (pig.config.n_heads * len(calls))  # per query head and step

@@ -12,6 +12,7 @@ import torch
 from hetero.backend import LSHSpec
 from orchestrator.local import LocalBackend
 from orchestrator.lsh_worker import LSHWorker
+from tests.orchestrator import attend_one
 
 HKV, G, CAP, D, K, L = 2, 2, 96, 8, 0, 2
 
@@ -39,12 +40,19 @@ def test_two_calls_run_concurrently_and_the_submitter_goes_on(backend, monkeypat
     def attend(self, seq_id, layer, q, q_codes, hi=None):
         assert submitted.wait(30), "the submitting thread was blocked by its own call"
         both.wait()
-        return layer
+        return torch.full((1,), float(layer)), torch.tensor(float(seq_id))
 
     monkeypatch.setattr(LSHWorker, "attend", attend)
-    futures = [backend.submit_attend(0, layer, None, None, 0) for layer in (2, 3)]
-    submitted.set()
-    assert [f.result(timeout=60) for f in futures] == [2, 3]
+    # two layers of one sequence, and one layer of two sequences (a batch)
+    q, codes = torch.zeros(2, HKV * G, D), torch.zeros(2, HKV * G, L)
+    for calls in ([(2, [0]), (3, [0])], [(2, [0, 5])]):
+        both.reset()
+        submitted.clear()
+        futures = [backend.submit_attend(layer, seqs, q, codes, [0] * len(seqs)) for layer, seqs in calls]
+        submitted.set()
+        got = [f.result(timeout=60) for f in futures]
+        assert [(out.flatten().tolist(), lse.tolist()) for out, lse in got] == \
+               [([layer] * len(seqs), seqs) for layer, seqs in calls]
 
 
 def test_pool_threads_run_numba_with_one_thread(backend):
@@ -58,7 +66,7 @@ def test_attend_follows_build_and_release_frees(backend):
     for layer in (2, 3):
         backend.submit_build(7, layer, k, v, 16, 64)
     q = torch.randn(HKV * G, D)
-    out, lse = backend.submit_attend(7, 3, q, torch.zeros(HKV * G, L, dtype=torch.int32), 80).result()
+    out, lse = attend_one(backend, 7, 3, q, torch.zeros(HKV * G, L, dtype=torch.int32), 80)
     assert out.shape == (HKV * G, D) and torch.isfinite(lse).all()
     assert backend.key_counts() == (HKV * G * 64, HKV * G * 64)  # K=0: every key is read
     sizes = backend.table_bytes(7)
@@ -79,7 +87,7 @@ def test_a_failed_build_surfaces_at_attend(backend):
     k, v = _host()
     backend.submit_build(0, 2, k.double(), v.double(), 16, 64)
     with pytest.raises(TypeError, match="float32"):
-        backend.submit_attend(0, 2, torch.zeros(HKV * G, D), torch.zeros(HKV * G, L, dtype=torch.int32), 64)
+        attend_one(backend, 0, 2, torch.zeros(HKV * G, D), torch.zeros(HKV * G, L, dtype=torch.int32), 64)
 
 
 @pytest.mark.parametrize("n", [0, -1, 1.5])
@@ -99,7 +107,7 @@ def test_attend_does_not_queue_behind_a_build(monkeypatch):
     try:
         backend.submit_build(0, 2, k, v, 16, 64)  # held until `release`
         codes = torch.zeros(HKV * G, L, dtype=torch.int32)
-        out, _ = backend.submit_attend(0, 3, torch.randn(HKV * G, D), codes, 64).result(timeout=30)
+        out, _ = attend_one(backend, 0, 3, torch.randn(HKV * G, D), codes, 64)
         assert out.shape == (HKV * G, D)
     finally:
         release.set()

@@ -17,6 +17,7 @@ from hetero import LLM, SamplingParams
 from hetero.backend import LSHSpec, WorkerError
 from orchestrator.local import LocalBackend
 from orchestrator.ray_backend import RayBackend
+from tests.orchestrator import attend_one
 
 HKV, G, CAP, D, K, L = 2, 2, 128, 8, 0, 2
 CODES = torch.zeros(HKV * G, L, dtype=torch.int32)
@@ -57,33 +58,42 @@ def test_backends_share_the_instance_until_the_last_closes(driver):
 
 
 def test_results_equal_the_local_backend_as_the_host_tier_grows(backend):
-    # the decode loop's pattern: tables over [16, 64), pages offloaded one by one (each
-    # written to the host tier after the build), a rebuild, more pages
-    k, v = torch.randn(HKV, CAP, D), torch.randn(HKV, CAP, D)
-    k[:, 64:], v[:, 64:] = 0, 0  # not offloaded yet
-    truth = torch.randn(HKV, CAP, D), torch.randn(HKV, CAP, D)
+    # the decode loop's pattern for a batch of two sequences: tables over [16, 64), pages
+    # offloaded one by one (each written to the host tier after the build), a rebuild of
+    # one sequence, more pages; one call per layer and step for the batch
+    hosts, truths = {}, {}
+    for seq in (0, 1):
+        k, v = torch.randn(HKV, CAP, D), torch.randn(HKV, CAP, D)
+        k[:, 64:], v[:, 64:] = 0, 0  # not offloaded yet
+        hosts[seq], truths[seq] = (k, v), (torch.randn(HKV, CAP, D), torch.randn(HKV, CAP, D))
     local = LocalBackend(n_threads=2)
     try:
         for b in (local, backend):
             b.start_lsh(_spec())
-            for layer in (2, 3):
-                b.submit_build(0, layer, k, v, 16, 64)
-        steps = [(80, None), (96, 96), (112, None), (128, None)]  # (hi, rebuild up to)
+            for seq, layer in [(s, layer) for s in (0, 1) for layer in (2, 3)]:
+                b.submit_build(seq, layer, *hosts[seq], 16, 64)
+        steps = [(80, None), (96, 96), (112, None), (128, None)]  # (hi, rebuild of seq 1 up to)
         for hi, rebuild in steps:
-            k[:, hi - 16:hi], v[:, hi - 16:hi] = truth[0][:, hi - 16:hi], truth[1][:, hi - 16:hi]
+            for seq in (0, 1):
+                (k, v), (tk, tv) = hosts[seq], truths[seq]
+                k[:, hi - 16:hi], v[:, hi - 16:hi] = tk[:, hi - 16:hi], tv[:, hi - 16:hi]
             for layer in (2, 3):
                 if rebuild:  # waited for: both attend over the new tables
                     for b in (local, backend):
-                        b.submit_build(0, layer, k, v, 16, rebuild).result()
-                q = torch.randn(HKV * G, D)
-                want = local.submit_attend(0, layer, q, CODES, hi).result()
-                got = backend.submit_attend(0, layer, q, CODES, hi).result()
+                        b.submit_build(1, layer, *hosts[1], 16, rebuild).result()
+                q = torch.randn(2, HKV * G, D)
+                codes = torch.stack([CODES, CODES])
+                want = local.submit_attend(layer, [0, 1], q, codes, [hi, hi]).result()
+                got = backend.submit_attend(layer, [0, 1], q, codes, [hi, hi]).result()
+                assert got[0].shape == (2, HKV * G, D) and got[1].shape == (2, HKV * G)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert backend.key_counts() == local.key_counts()
-        assert backend.table_bytes(0) == local.table_bytes(0) and all(backend.table_bytes(0).values())
+        for seq in (0, 1):
+            assert backend.table_bytes(seq) == local.table_bytes(seq) and all(backend.table_bytes(seq).values())
     finally:
         local.close()
-    backend.release(0)
+    for seq in (0, 1):
+        backend.release(seq)
     assert backend.table_bytes() == {2: 0, 3: 0}
 
 
@@ -94,7 +104,7 @@ def test_layers_are_sharded_over_actors(backend):
     with pytest.raises(ValueError, match="no worker serves layer 5"):
         backend.submit_build(0, 5, torch.zeros(HKV, CAP, D), torch.zeros(HKV, CAP, D), 0, 8)
     with pytest.raises(ValueError, match="submit_build first"):
-        backend.submit_attend(0, 2, torch.zeros(HKV * G, D), CODES, 8)
+        attend_one(backend, 0, 2, torch.zeros(HKV * G, D), CODES, 8)
 
 
 def test_a_failed_build_surfaces_at_attend(backend):
@@ -102,7 +112,7 @@ def test_a_failed_build_surfaces_at_attend(backend):
     k = torch.randn(HKV, CAP, D, dtype=torch.float64)
     backend.submit_build(0, 2, k, k, 16, 64)
     with pytest.raises(TypeError, match="float32"):
-        backend.submit_attend(0, 2, torch.zeros(HKV * G, D), CODES, 64)
+        attend_one(backend, 0, 2, torch.zeros(HKV * G, D), CODES, 64)
 
 
 def test_attend_does_not_queue_behind_a_build(driver):
@@ -116,7 +126,7 @@ def test_attend_does_not_queue_behind_a_build(driver):
         b.submit_build(0, 2, keys, values, 16, 1024).result()
         build = b.submit_build(0, 2, keys, values, 16, n)  # ~0.5 s
         codes = torch.zeros(G, l_tables, dtype=torch.int32)
-        out, _ = b.submit_attend(0, 3, torch.randn(G, d), codes, 1024).result()
+        out, _ = attend_one(b, 0, 3, torch.randn(G, d), codes, 1024)
         assert out.shape == (G, d) and not build.done()
         build.result()
     finally:
@@ -128,7 +138,7 @@ def test_a_killed_actor_fails_the_call_by_name_and_is_replaced(backend):
     k, v = torch.randn(HKV, CAP, D), torch.randn(HKV, CAP, D)
     for layer in (2, 3):
         backend.submit_build(0, layer, k, v, 16, 64)
-    backend.submit_attend(0, 3, torch.randn(HKV * G, D), CODES, 64).result()
+    attend_one(backend, 0, 3, torch.randn(HKV * G, D), CODES, 64)
     victim = backend.workers[1].actor
     ray.kill(victim)
     with pytest.raises(ray.exceptions.RayActorError):  # dead now, the backend does not know
@@ -138,12 +148,12 @@ def test_a_killed_actor_fails_the_call_by_name_and_is_replaced(backend):
     t = time.perf_counter()
     with pytest.raises(WorkerError, match=r"CPU worker 1 \(a Ray actor serving layers 3\) died during "
                                           r"attention of layer 3 \(sequence 0\)"):
-        backend.submit_attend(0, 3, torch.randn(HKV * G, D), CODES, 64).result()
+        attend_one(backend, 0, 3, torch.randn(HKV * G, D), CODES, 64)
     assert time.perf_counter() - t < 30
     backend.release(0)  # logs the dead worker, does not raise
     assert backend.table_bytes() == {2: 0, 3: 0}
     backend.submit_build(1, 3, k, v, 16, 64)  # a new request: a new actor for layer 3
-    out, lse = backend.submit_attend(1, 3, torch.randn(HKV * G, D), CODES, 80).result()
+    out, lse = attend_one(backend, 1, 3, torch.randn(HKV * G, D), CODES, 80)
     assert torch.isfinite(lse).all() and not backend.workers[1].dead
 
 
@@ -219,7 +229,7 @@ def test_a_killed_actor_fails_the_request_and_the_llm_goes_on(driver, tiny_model
     submit = llm.backend.submit_attend
 
     def kill_on_the_fifth_call(*args):
-        calls.append(args[1])
+        calls.append(args[0])
         if len(calls) == 5:
             ray.kill(victim.actor)
         return submit(*args)
