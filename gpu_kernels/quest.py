@@ -60,11 +60,13 @@ def _quest_triton(q: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
 
 
 def _quest_torch(q: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:
-    # max(q*kmax, q*kmin) picks kmax where q > 0 and kmin where q < 0: two matmuls.
+    # max(q*kmax, q*kmin) picks kmax where q > 0 and kmin where q < 0: two matmuls, the
+    # second accumulated into the first. [G, D] @ [D, P] runs ~1.6x faster on CPU than
+    # [P, D] @ [D, G] (measured at P=2048, G=3, D=64).
     hkv, _, d = kmin.shape
-    qg = q.float().view(hkv, -1, d).transpose(1, 2)  # [Hkv, D, G]
-    bound = kmax.float() @ qg.clamp(min=0) + kmin.float() @ qg.clamp(max=0)  # [Hkv, P, G]
-    return bound.amax(dim=2)
+    qg = q.float().view(hkv, -1, d)  # [Hkv, G, D]
+    bound = torch.bmm(qg.clamp(min=0), kmax.float().transpose(1, 2))  # [Hkv, G, P]
+    return bound.baddbmm_(qg.clamp(max=0), kmin.float().transpose(1, 2)).amax(dim=1)
 
 
 def quest_page_scores(q: Tensor, kmin: Tensor, kmax: Tensor) -> Tensor:

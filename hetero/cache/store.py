@@ -116,7 +116,8 @@ class KVStore:
         table = self.tables[seq_id] = SeqPages(self.page_size, self.cfg.n_layers, offload, max_tokens)
         if offload:
             cfg = self.cfg
-            shape = (cfg.n_layers, cfg.n_kv_heads, max_tokens, cfg.head_dim)
+            capacity = -(-max_tokens // self.page_size) * self.page_size  # whole pages
+            shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
             self.host[seq_id] = (
                 self.device.host_empty(shape, self.dtype), self.device.host_empty(shape, self.dtype)
             )
@@ -130,16 +131,15 @@ class KVStore:
         table, ps = self.tables[seq_id], self.page_size
         pages = table.layers[layer]
         assert all(pages[i] != OFFLOADED for i in page_idx), "offloading a page twice"
-        src = self._slots_of([pages[i] for i in page_idx])
-        dst = self._slots_of(page_idx)
+        src = torch.tensor([pages[i] for i in page_idx], device=self.k.device)
+        dst = torch.tensor(page_idx)
         hk, hv = self.host[seq_id]
-        k = self.k.index_select(1, src)  # [Hkv, n*ps, D]
-        self.device.to_host(hk[layer], k, index=dst)
-        self.device.to_host(hv[layer], self.v.index_select(1, src), index=dst)
+        k = self._pages(self.k).index_select(1, src)  # [Hkv, n, ps, D]
+        self.device.to_host(self._pages(hk[layer]), k, index=dst)
+        self.device.to_host(self._pages(hv[layer]), self._pages(self.v).index_select(1, src), index=dst)
         if not table.meta[layer]:  # one run for the whole sequence: scoring reads a view
             table.meta[layer] = self.allocator.allocate(-(-table.capacity // ps // ps))
         meta = torch.tensor([table.meta[layer][i // ps] * ps + i % ps for i in page_idx])
-        k = k.view(k.shape[0], len(page_idx), ps, k.shape[2])
         self.k.index_copy_(1, meta.to(self.k.device), k.amin(dim=2))
         self.v.index_copy_(1, meta.to(self.k.device), k.amax(dim=2))
         self.allocator.free([pages[i] for i in page_idx])
@@ -178,9 +178,9 @@ class KVStore:
         pages = reuse + self.allocator.allocate(len(missing) - len(reuse))
         if missing:
             hk, hv = self.host[seq_id]
-            src, dst = self._slots_of(missing), self._slots_of(pages)
-            self.device.to_device(self.k, hk[layer].index_select(1, src), index=dst)
-            self.device.to_device(self.v, hv[layer].index_select(1, src), index=dst)
+            src, dst = torch.tensor(missing), torch.tensor(pages)
+            self.device.to_device(self._pages(self.k), self._pages(hk[layer]).index_select(1, src), index=dst)
+            self.device.to_device(self._pages(self.v), self._pages(hv[layer]).index_select(1, src), index=dst)
             cache.update(zip(missing, pages))
         return [cache[i] for i in page_idx]
 
@@ -189,6 +189,11 @@ class KVStore:
         cache = self.tables[seq_id].cache[layer]
         self.allocator.free(list(cache.values()))
         cache.clear()
+
+    def _pages(self, t: Tensor) -> Tensor:
+        """A ``[Hkv, n_slots, D]`` pool or host tier viewed as pages ``[Hkv, n_pages, ps, D]``:
+        whole pages are copied by page index (one run of ``ps * D`` per page and head)."""
+        return t.view(t.shape[0], -1, self.page_size, t.shape[2])
 
     def _slots_of(self, pages: list[int]) -> Tensor:
         """Slots [len(pages) * page_size] (int64) of whole pages, in order."""
