@@ -101,7 +101,9 @@ def decode_section(doc: dict) -> list[str]:
     lines = ["## Decode", "",
              f"ms per token ({s['n_decode']} tokens decoded after the prompt; sparse systems "
              f"read {s['token_budget']} tokens per sparse layer, the first {s['dense_layers']} "
-             f"layers exact; kvpress keeps the same share of all KV).", ""]
+             f"layers exact; kvpress keeps the same share of all KV). A decode step's time is "
+             f"the whole decode over the tokens after the first; for magicpig that includes "
+             f"waiting for the LSH table builds after the prefill (see CPU kernels).", ""]
     rows = []
     for name in _systems(doc):
         cells = [_err_or(idx.get((name, n, 1)), _cell(idx.get((name, n, 1), {}).get("metrics", {}).get("decode_ms")))
@@ -248,7 +250,8 @@ def kernels_section(doc: dict) -> list[str]:
                      _cell(m["gb_per_s"], "{:.2f}"),
                      f"{100 * gbs / limit:.0f}%" if limit else "–",
                      f"{100 * m['sampled_share']['median']:.2f}%",
-                     f"{m['table_bytes_per_key']['median']:.0f} / {m['kv_bytes_per_key']['median']:.0f}"])
+                     f"{m['table_bytes_per_key']['median']:.0f} / {m['kv_bytes_per_key']['median']:.0f}",
+                     _cell(m.get("build_ms_per_layer"), "{:.0f}"), _cell(m.get("build_s_all_layers"))])
     head = [f"One-thread copy bandwidth (numpy, read + write): {_cell(copy['metrics']['gb_per_s'], '{:.1f}')} "
             "GB/s." if copy else "Copy bandwidth not measured.", ""]
     return (["## CPU kernels", "",
@@ -256,9 +259,11 @@ def kernels_section(doc: dict) -> list[str]:
              "local backend runs it) timed alone on every call of a real decode: bytes it must "
              "read (probed bucket runs, candidates' K and V rows) per second, against the "
              "copy bandwidth; keys sampled per query head; LSH state against fp32 KV, bytes "
-             "per offloaded key and KV head.", "", *head]
+             "per offloaded key and KV head; the tables' build per layer and for all sparse "
+             "layers (one thread; the local backend builds on every core after the prefill, "
+             "and a layer's first decode step waits for its build).", "", *head]
             + _table(["context", "µs per call (all heads)", "GB/s", "of copy", "sampled",
-                      "LSH / KV bytes per key"], rows))
+                      "LSH / KV bytes per key", "build ms per layer", "build s, all layers"], rows))
 
 
 def render(docs: dict, findings: list[str] | None = None) -> str:
