@@ -8,8 +8,8 @@ count what the kernel must read: per query head the L bucket offsets and id runs
 probes, and the key and value rows (plus a norm) of each candidate it samples. The copy
 bandwidth is ``numpy.copyto`` of a buffer far larger than the caches on one thread,
 counting the bytes read and written. The tables of every sparse layer are then built
-again, one layer at a time on one thread, for the build time a magicpig request waits for
-after its prefill (its first decode steps wait for the layers' builds).
+again, one layer at a time on one thread: the build time that a magicpig request's prompt
+ends with (its first decode steps wait for builds still running).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def kernel_rows(session: Session, n: int, bar) -> list[dict]:
             rates.append(_call_bytes(st, q_codes, counts) / dt / 1e9)
             shares.append(float(counts.mean()) / (st.hi - st.lo))
             per_key.append(st.nbytes / (st.keys.shape[0] * (st.hi - st.lo)))
-        builds = []  # each sparse layer's tables again, as the prefill's end built them
+        builds = []  # each sparse layer's tables again, as the prefill built them
         for (seq_id, layer), st in sorted({(s, layer): backend._worker(layer).state[(s, layer)]
                                            for s, layer, _, _ in calls}.items()):
             t = time.perf_counter()

@@ -103,7 +103,7 @@ def decode_section(doc: dict) -> list[str]:
              f"read {s['token_budget']} tokens per sparse layer, the first {s['dense_layers']} "
              f"layers exact; kvpress keeps the same share of all KV). A decode step's time is "
              f"the whole decode over the tokens after the first; for magicpig that includes "
-             f"waiting for the LSH table builds after the prefill (see CPU kernels).", ""]
+             f"waiting for LSH table builds still running (see CPU kernels).", ""]
     rows = []
     for name in _systems(doc):
         cells = [_err_or(idx.get((name, n, 1)), _cell(idx.get((name, n, 1), {}).get("metrics", {}).get("decode_ms")))
@@ -260,7 +260,8 @@ def kernels_section(doc: dict) -> list[str]:
              "read (probed bucket runs, candidates' K and V rows) per second, against the "
              "copy bandwidth; keys sampled per query head; LSH state against fp32 KV, bytes "
              "per offloaded key and KV head; the tables' build per layer and for all sparse "
-             "layers (one thread; the local backend builds on every core after the prefill, "
+             "layers (one thread; the local backend builds on every core, each layer as it "
+             "finishes the prompt's last chunk, "
              "and a layer's first decode step waits for its build).", "", *head]
             + _table(["context", "µs per call (all heads)", "GB/s", "of copy", "sampled",
                       "LSH / KV bytes per key", "build ms per layer", "build s, all layers"], rows))

@@ -50,10 +50,12 @@ class Engine:
         for start in range(0, len(token_ids), self.prefill_chunk):
             chunk = token_ids[start : start + self.prefill_chunk]
             n = len(chunk)
+            last = start + n == len(token_ids) and not score
             store.reserve(seq_id, start + n)
             slots = store.slots(seq_id, start, n)
             block_tables = store.block_tables([seq_id])[:, 0]  # [L, P]
             offloaded = [OFFLOADED in pages for pages in table.layers]
+            settled = self._settled(seq_id, start + n)
 
             def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 store.write(slots[layer], k, v)
@@ -67,13 +69,19 @@ class Engine:
                         q, store.k, store.v, block_tables[layer], start, self.scale,
                         store.page_size,
                     )
+                # the layer is done with this chunk: its pages that left the window go
+                # now, and after the last chunk the policy may start on the layer while
+                # the device moves on to the next one
+                self._offload(seq_id, layer, settled)
+                if last:
+                    self.policy.on_prefill_layer_done(store, seq_id, layer, settled)
                 return out
 
             tokens = torch.tensor(chunk, device=self.device)
             positions = torch.arange(start, start + n, device=self.device)
             hidden = model(tokens, positions, attend)
             table.n_tokens = start + n
-            self._evict(seq_id)
+            table.settled = max(table.settled, settled)
             if score:
                 targets = torch.tensor(token_ids[start + 1 : start + n + 1], device=self.device)
                 logp = torch.log_softmax(model.logits(hidden[: len(targets)]), dim=-1)
@@ -82,8 +90,6 @@ class Engine:
                 outs.append(model.logits(hidden[-1:])[0])
             if progress is not None:
                 progress(n)
-        if not score:
-            self.policy.on_prefill_done(store, seq_id)
         return torch.cat(outs) if score else outs[0]
 
     @torch.inference_mode()
@@ -123,12 +129,25 @@ class Engine:
 
     def _evict(self, seq_id: int) -> None:
         """Offload the pages of the sparse layers that left the local window."""
+        table = self.store.tables[seq_id]
+        settled = self._settled(seq_id, table.n_tokens)
+        for layer in range(self.model.cfg.n_layers):
+            self._offload(seq_id, layer, settled)
+        table.settled = max(table.settled, settled)
+
+    def _settled(self, seq_id: int, n_tokens: int) -> int:
+        """The sequence's ``settled`` once it holds ``n_tokens``: pages before it are
+        offloaded (sparse layers of an offloading sequence) or stay for good (sinks)."""
         table, ps = self.store.tables[seq_id], self.store.page_size
         if not table.offload:
+            return table.settled
+        return max(table.settled, self.policy.first_local(n_tokens, ps))
+
+    def _offload(self, seq_id: int, layer: int, settled: int) -> None:
+        """Offload one layer's pages from the sinks (or ``table.settled``) up to ``settled``;
+        dense layers keep theirs."""
+        table = self.store.tables[seq_id]
+        if not table.offload or layer < self.policy.dense_layers:
             return
-        first = max(table.settled, self.policy.sink_pages(ps))
-        stop = self.policy.first_local(table.n_tokens, ps)
-        if stop > first:
-            for layer in range(self.policy.dense_layers, self.model.cfg.n_layers):
-                self.store.offload(seq_id, layer, list(range(first, stop)))
-            table.settled = stop
+        first = max(table.settled, self.policy.sink_pages(self.store.page_size))
+        self.store.offload(seq_id, layer, list(range(first, settled)))

@@ -2,9 +2,9 @@
 
 The device thread submits a layer's CPU attention and goes on with the resident-set
 attention of the same layer; the numba kernels release the GIL, so the two overlap.
-Table builds at the end of prefill are submitted for every sparse layer at once and run
-while the device samples the first token and starts decoding (a layer's first attention
-waits for that layer's build only). Builds have their own pool, so an attention call
+A layer's table build is submitted as the layer finishes the prompt's last prefill chunk and
+runs while the device goes on with the next layers, samples the first token and starts
+decoding (a layer's first attention waits for that layer's build only). Builds have their own pool, so an attention call
 never queues behind a build (rebuilds while decoding run in the background).
 
 Each pool thread runs numba with one thread (``numba.set_num_threads`` is per calling

@@ -109,8 +109,10 @@ class Policy(ABC):
     def bind(self, backend: CPUBackend, store: KVStore) -> None:
         """Called once by the facade with the execution backend (CPU workers) and the store."""
 
-    def on_prefill_done(self, store: KVStore, seq_id: int) -> None:
-        """Called by the engine when a sequence's prompt is written (and offloaded)."""
+    def on_prefill_layer_done(self, store: KVStore, seq_id: int, layer: int, settled: int) -> None:
+        """Called by the engine as each layer finishes a prompt's last chunk, before the next
+        layer runs: the layer's KV is written and, in sparse layers of an offloading
+        sequence, its pages before ``settled`` are on the host tier."""
 
     def on_release(self, seq_id: int) -> None:
         """Called by the engine before a sequence's KV is freed."""

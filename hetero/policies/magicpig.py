@@ -4,9 +4,11 @@ rest; the two partials merge by LSE. See DESIGN.md, "MagicPIG", and ``cpu_kernel
 
 Per sparse layer (the first ``dense_layers`` stay exact on the device):
 
-- prefill end (``on_prefill_done``): the backend builds, per KV head, ``lsh_l`` tables of
-  ``lsh_k``-bit buckets over the offloaded keys centred by their mean, one layer per pool
-  task, while the device samples the first token and starts decoding;
+- prefill (``on_prefill_layer_done``): as each layer finishes the prompt's last chunk, the
+  backend starts building, per KV head, ``lsh_l`` tables of ``lsh_k``-bit buckets over the
+  layer's offloaded keys centred by their mean (one pool task per layer), while the device
+  moves on to the next layer, samples the first token and starts decoding; a layer's first
+  decode step waits for its build only;
 - decode: the device hashes the queries (``gpu_kernels.simhash_codes``, no centre: the
   kernels' convention), ships q and codes to the worker, attends over its resident set
   meanwhile, and merges the worker's ``(out, lse)``. Pages offloaded after the build are
@@ -99,23 +101,24 @@ class MagicPIGPolicy(Policy):
         self._backend, self._built = backend, {}
         backend.start_lsh(LSHSpec(self.lsh_k, self.lsh_l, cfg.head_dim**-0.5, proj))
 
-    def on_prefill_done(self, store: KVStore, seq_id: int) -> None:
-        if store.tables[seq_id].offload:
-            self._build(store, seq_id)
+    def on_prefill_layer_done(self, store: KVStore, seq_id: int, layer: int, settled: int) -> None:
+        if layer in self._proj and store.tables[seq_id].offload:
+            self._build(store, seq_id, [layer], settled)
 
     def on_release(self, seq_id: int) -> None:
         if self._built.pop(seq_id, None) is not None:
             self._backend.release(seq_id)
 
-    def _build(self, store: KVStore, seq_id: int) -> None:
-        """Submit a (re)build of every sparse layer's tables over the offloaded tokens."""
+    def _build(self, store: KVStore, seq_id: int, layers: list[int], settled: int) -> None:
+        """Submit a (re)build of ``layers``' tables over the tokens offloaded before page
+        ``settled``."""
         if self._backend is None:
             raise ValueError("magicpig needs a CPU backend: create it through LLM(...), or call "
                              "policy.bind(backend, store) first")
         ps = store.page_size
-        lo, hi = self.sink_pages(ps) * ps, max(store.tables[seq_id].settled, self.sink_pages(ps)) * ps
+        lo, hi = self.sink_pages(ps) * ps, max(settled, self.sink_pages(ps)) * ps
         hk, hv = store.host[seq_id]
-        for layer in self._proj:
+        for layer in layers:
             self._backend.submit_build(seq_id, layer, hk[layer], hv[layer], lo, hi)
         self._built[seq_id] = hi
 
@@ -161,9 +164,7 @@ class MagicPIGPolicy(Policy):
 
     def _maybe_rebuild(self, store: KVStore, seq_id: int) -> None:
         """Rebuild a sequence's tables once the exactly attended tail outgrows them."""
-        built = self._built.get(seq_id)
-        if built is None:  # offloaded after a prefill that offloaded nothing
-            self._build(store, seq_id)
-            return
-        if store.tables[seq_id].settled * store.page_size - built >= REBUILD_TAIL:
-            self._build(store, seq_id)
+        built, settled = self._built.get(seq_id), store.tables[seq_id].settled
+        # None: offloaded after a prompt that offloaded nothing
+        if built is None or settled * store.page_size - built >= REBUILD_TAIL:
+            self._build(store, seq_id, list(self._proj), settled)

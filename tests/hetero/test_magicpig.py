@@ -6,9 +6,11 @@ streaming's at the same fraction of keys touched."""
 import pytest
 import torch
 
+import hetero.engine as engine
 import hetero.policies.magicpig as magicpig
 from bench.probe import attention_error
 from hetero import LLM, SamplingParams
+from hetero.cache import OFFLOADED
 from hetero.policies import POLICIES, make_policy
 
 TEXT = open("/usr/share/common-licenses/Apache-2.0").read()[:1500]
@@ -72,6 +74,24 @@ def test_a_batch_makes_one_worker_call_per_layer_and_step(tiny_model_dir, tiny_i
     outs = llm.generate([tiny_ids, other], params)
     assert [o.token_ids for o in outs] == [dense_tokens, want_other.token_ids]
     assert len(calls) == llm.config.n_layers * (params.max_new_tokens - 1) and set(calls) == {2}
+
+
+def test_a_layer_s_build_starts_before_the_next_layer_runs(tiny_model_dir, tiny_ids, monkeypatch):
+    # in the prompt's last chunk, each layer's tables are submitted as the layer finishes,
+    # over its pages offloaded by then
+    llm = _tiny(tiny_model_dir, n_local=16, dense_layers=0)
+    events = []
+    submit = llm.backend.submit_build
+    llm.backend.submit_build = lambda seq, layer, k, v, lo, hi: (
+        events.append(("build", layer, hi, set(llm.store.tables[seq].layers[layer][lo // 4 : hi // 4])))
+        or submit(seq, layer, k, v, lo, hi))
+    exact = engine.exact_attention
+    monkeypatch.setattr(engine, "exact_attention",
+                        lambda store, layer, *a: events.append(("attend", layer)) or exact(store, layer, *a))
+    llm.generate(tiny_ids, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    n, hi = llm.config.n_layers, (len(tiny_ids) - 16) // 4 * 4  # the window's first page
+    want = [e for layer in range(n) for e in (("attend", layer), ("build", layer, hi, {OFFLOADED}))]
+    assert events[-2 * n:] == want
 
 
 def test_memory_report_counts_the_tables_of_live_sequences(tiny_model_dir):
