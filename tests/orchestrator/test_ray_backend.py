@@ -136,8 +136,8 @@ def test_attend_does_not_queue_behind_a_build(driver):
 def test_a_killed_actor_fails_the_call_by_name_and_is_replaced(backend):
     backend.start_lsh(_spec())
     k, v = torch.randn(HKV, CAP, D), torch.randn(HKV, CAP, D)
-    for layer in (2, 3):
-        backend.submit_build(0, layer, k, v, 16, 64)
+    for layer in (2, 3):  # waited for: table_bytes does not queue behind builds
+        backend.submit_build(0, layer, k, v, 16, 64).result()
     attend_one(backend, 0, 3, torch.randn(HKV * G, D), CODES, 64)
     victim = backend.workers[1].actor
     ray.kill(victim)
