@@ -1,7 +1,8 @@
-"""Decode ms/token of magicpig with the local and the ray backend side by side, and the
-ray backend's overhead per decode step (one actor call per sparse layer and step).
+"""Decode ms per step of magicpig with the local and the ray backend side by side, and the
+ray backend's overhead per decode step (one actor call per sparse layer and step, whatever
+the batch; a step decodes one token of each of ``--batch`` prompts).
 
-    python -m bench.ray_overhead [--contexts 8192 16384] [--new-tokens 32] [--out FILE]
+    python -m bench.ray_overhead [--contexts 8192 16384] [--batch 1] [--new-tokens 32] [--out FILE]
 
 Every point runs in a fresh process (its own Ray instance for ``ray``), on the embedded
 model and real text, with ``OMP_WAIT_POLICY=PASSIVE`` unless ``--omp-wait`` says otherwise
@@ -25,14 +26,14 @@ from pathlib import Path
 BACKENDS = ("local", "ray")
 
 
-def point(backend: str, context: int, new_tokens: int) -> dict:
-    """Time one generation in this process."""
+def point(backend: str, context: int, new_tokens: int, batch: int = 1) -> dict:
+    """Time one generation of ``batch`` prompts (different text each) in this process."""
     from bench.corpus import real_token_ids
     from hetero import LLM, SamplingParams
 
     with LLM(device="cpu", policy="magicpig", backend=backend, device_kv_budget="256MiB",
              max_model_len=context + new_tokens + 16) as llm:
-        ids = real_token_ids(llm.tokenizer, context)
+        ids = [real_token_ids(llm.tokenizer, context, offset=i * 997) for i in range(batch)]
         steps = []
         decode = llm.engine.decode
 
@@ -44,9 +45,9 @@ def point(backend: str, context: int, new_tokens: int) -> dict:
 
         llm.engine.decode = timed
         load = os.getloadavg()[0]
-        (out,) = llm.generate(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-        row = {"backend": backend, "context": context, "steps": len(steps),
-               "decode_ms_per_token": 1e3 * statistics.median(steps[2:]),
+        out = llm.generate(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))[-1]
+        row = {"backend": backend, "context": context, "batch": batch, "steps": len(steps),
+               "decode_ms_per_step": 1e3 * statistics.median(steps[2:]),
                "ttft_s": out.stats.ttft_s, "load_before": load, "load_after": os.getloadavg()[0],
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
         if backend == "ray":
@@ -66,13 +67,14 @@ def point(backend: str, context: int, new_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ray_overhead", description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384])
+    ap.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--omp-wait", default="PASSIVE", help="OMP_WAIT_POLICY of the points ('' = unset)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/ray_overhead.json"))
     ap.add_argument("--point", nargs=2, metavar=("BACKEND", "CONTEXT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.point:
-        print(json.dumps(point(args.point[0], int(args.point[1]), args.new_tokens)))
+        print(json.dumps(point(args.point[0], int(args.point[1]), args.new_tokens, args.batch)))
         return 0
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     for context in args.contexts:
         for backend in BACKENDS:
             p = subprocess.run([sys.executable, "-m", "bench.ray_overhead", "--new-tokens", str(args.new_tokens),
-                                "--point", backend, str(context)], env=env, capture_output=True, text=True)
+                                "--batch", str(args.batch), "--point", backend, str(context)],
+                               env=env, capture_output=True, text=True)
             if p.returncode:
                 sys.stderr.write(p.stderr[-3000:])
                 return 1
@@ -90,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print("| context | local ms/token | ray ms/token | overhead ms/step | ray calls/step | empty call ms | load |")
-    print("|---|---|---|---|---|---|---|")
+    print("| context | batch | local ms/step | ray ms/step | overhead ms/step | ray calls/step | empty call ms | load |")
+    print("|---|---|---|---|---|---|---|---|")
     for context in args.contexts:
         loc, ray_ = (next(r for r in rows if r["context"] == context and r["backend"] == b) for b in BACKENDS)
-        print(f"| {context} | {loc['decode_ms_per_token']:.1f} | {ray_['decode_ms_per_token']:.1f} | "
-              f"{ray_['decode_ms_per_token'] - loc['decode_ms_per_token']:.1f} | {ray_['calls_per_step']} | "
+        print(f"| {context} | {args.batch} | {loc['decode_ms_per_step']:.1f} | {ray_['decode_ms_per_step']:.1f} | "
+              f"{ray_['decode_ms_per_step'] - loc['decode_ms_per_step']:.1f} | {ray_['calls_per_step']} | "
               f"{ray_['empty_call_ms']:.2f} | {loc['load_before']:.2f} / {ray_['load_before']:.2f} |")
     return 0
 
