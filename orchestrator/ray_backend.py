@@ -177,9 +177,8 @@ class RayBackend(CPUBackend):
     def submit_attend(self, layer: int, seq_ids: list[int], q: Tensor, q_codes: Tensor,
                       his: list[int]) -> RayFuture:
         w = self._worker(layer)
-        rows = []
-        for seq_id, hi in zip(seq_ids, his):
-            sent = self._sent.get((seq_id, layer))
+        sents = [self._sent.get((seq_id, layer)) for seq_id in seq_ids]
+        for seq_id, sent in zip(seq_ids, sents):
             if sent is None:
                 raise ValueError(f"no LSH tables for sequence {seq_id}, layer {layer}: submit_build first")
             build = f"the build of layer {layer} (sequence {seq_id})"
@@ -189,6 +188,8 @@ class RayBackend(CPUBackend):
             if sent.latest is not None and _done(sent.latest):
                 latest, sent.latest = sent.latest, None
                 self._get(latest, w, build)  # its error, once
+        rows = []  # taken only once nothing can fail before the call that carries them
+        for sent, hi in zip(sents, his):
             rows.append(None)
             if hi > sent.attended:
                 rows[-1], sent.attended = _rows(sent.keys, sent.values, sent.attended, hi), hi
