@@ -94,10 +94,11 @@ def kernel_rows(session: Session, n: int, bar) -> list[dict]:
             shares.append(float(counts.mean()) / (st.hi - st.lo))
             per_key.append(st.nbytes / (st.keys.shape[0] * (st.hi - st.lo)))
         builds = []  # each sparse layer's tables again, as the prefill built them
-        for (seq_id, layer), st in sorted({(s, layer): backend._worker(layer).state[(s, layer)]
-                                           for s, layer, _, _ in calls}.items()):
+        for seq_id, layer in sorted({(s, layer) for s, layer, _, _ in calls}):
+            worker = backend._worker(layer)
+            st = worker.state[(seq_id, layer)]
             t = time.perf_counter()
-            backend._worker(layer).build(seq_id, layer, st.keys, st.values, st.lo, st.hi)
+            worker.build(seq_id, layer, st.keys, st.values, st.lo, st.hi)
             builds.append(1e3 * (time.perf_counter() - t))
     finally:
         numba.set_num_threads(threads)

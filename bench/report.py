@@ -261,8 +261,8 @@ def kernels_section(doc: dict) -> list[str]:
              "copy bandwidth; keys sampled per query head; LSH state against fp32 KV, bytes "
              "per offloaded key and KV head; the tables' build per layer and for all sparse "
              "layers (one thread; the local backend builds on every core, each layer as it "
-             "finishes the prompt's last chunk, "
-             "and a layer's first decode step waits for its build).", "", *head]
+             "finishes the prompt's last chunk, and a layer's first decode step waits for its "
+             "build).", "", *head]
             + _table(["context", "µs per call (all heads)", "GB/s", "of copy", "sampled",
                       "LSH / KV bytes per key", "build ms per layer", "build s, all layers"], rows))
 

@@ -4,8 +4,9 @@ The device thread submits a layer's CPU attention and goes on with the resident-
 attention of the same layer; the numba kernels release the GIL, so the two overlap.
 A layer's table build is submitted as the layer finishes the prompt's last prefill chunk and
 runs while the device goes on with the next layers, samples the first token and starts
-decoding (a layer's first attention waits for that layer's build only). Builds have their own pool, so an attention call
-never queues behind a build (rebuilds while decoding run in the background).
+decoding (a layer's first attention waits for that layer's build only). Builds have their
+own pool, so an attention call never queues behind a build (rebuilds while decoding run in
+the background).
 
 Each pool thread runs numba with one thread (``numba.set_num_threads`` is per calling
 thread): parallelism comes from the pool, and on cores shared with the device's torch

@@ -154,8 +154,9 @@ class KVStore:
         if meta[-1] - meta[0] == len(meta) - 1:  # contiguous (ids come sorted)
             span = slice(meta[0] * ps, meta[0] * ps + table.n_pages)
             return self.k[:, span], self.v[:, span]
-        slots = self._slots_of(meta)[: table.n_pages].to(self.k.device)
-        return self.k.index_select(1, slots), self.v.index_select(1, slots)
+        index = torch.tensor(meta, device=self.k.device)
+        return tuple(self._pages(t).index_select(1, index).flatten(1, 2)[:, : table.n_pages]
+                     for t in (self.k, self.v))
 
     def fetch(self, seq_id: int, layer: int, page_idx: list[int], capacity: int) -> list[int]:
         """Device pages holding offloaded pages ``page_idx`` of one layer, through the
@@ -194,11 +195,6 @@ class KVStore:
         """A ``[Hkv, n_slots, D]`` pool or host tier viewed as pages ``[Hkv, n_pages, ps, D]``:
         whole pages are copied by page index (one run of ``ps * D`` per page and head)."""
         return t.view(t.shape[0], -1, self.page_size, t.shape[2])
-
-    def _slots_of(self, pages: list[int]) -> Tensor:
-        """Slots [len(pages) * page_size] (int64) of whole pages, in order."""
-        ps = self.page_size
-        return (torch.tensor(pages)[:, None] * ps + torch.arange(ps)).flatten()
 
     # -- reporting -----------------------------------------------------------------------
 
