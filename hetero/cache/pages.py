@@ -67,14 +67,25 @@ class PageAllocator:
 
 
 @dataclass(slots=True)
+class HeadSlots:
+    """One layer's cache of pages picked per KV head: in KV head ``h``, device page
+    ``pages[j]`` holds offloaded page ``held[h][j]`` of the layer (-1: nothing yet). Each
+    head holds its own pages in the same device pages, so attention reads them as one list."""
+
+    pages: list[int]
+    held: list[list[int]]
+
+
+@dataclass(slots=True)
 class SeqPages:
     """Page tables of one sequence: ``layers[l][i]`` is the device page holding tokens
     ``i*page_size ..`` of layer ``l``, or :data:`OFFLOADED`. ``n_tokens`` are written.
 
     With ``offload``, pages outside the resident set go to the host tier; the device keeps
     their key metadata in ``meta[l]`` pages (slot ``j`` of meta page ``m`` describes page
-    ``m*page_size + j``) and fetched copies in the per-layer LRU ``cache[l]``
-    (page index -> device page).
+    ``m*page_size + j``), fetched copies for exact attention in the per-layer LRU
+    ``cache[l]`` (page index -> device page), and the pages sparse attention picked per KV
+    head in ``heads[l]``.
     """
 
     page_size: int
@@ -84,6 +95,7 @@ class SeqPages:
     layers: list[list[int]] = field(default_factory=list)
     meta: list[list[int]] = field(default_factory=list)
     cache: list[OrderedDict] = field(default_factory=list)
+    heads: list[HeadSlots | None] = field(default_factory=list)
     n_tokens: int = 0
     settled: int = 0  # pages before this one are offloaded or stay for good (sinks)
 
@@ -92,6 +104,7 @@ class SeqPages:
             self.layers = [[] for _ in range(self.n_layers)]
             self.meta = [[] for _ in range(self.n_layers)]
             self.cache = [OrderedDict() for _ in range(self.n_layers)]
+            self.heads = [None] * self.n_layers
 
     @property
     def n_pages(self) -> int:
@@ -104,4 +117,6 @@ class SeqPages:
     def on_device(self) -> list[int]:
         """Every device page the sequence holds: KV, metadata and cached copies."""
         kv = [p for pages in self.layers for p in pages if p != OFFLOADED]
-        return kv + [p for m in self.meta for p in m] + [p for c in self.cache for p in c.values()]
+        cached = [p for c in self.cache for p in c.values()]
+        picked = [p for h in self.heads if h is not None for p in h.pages]
+        return kv + [p for m in self.meta for p in m] + cached + picked

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hetero.cache.pages import OFFLOADED, OutOfPages, PageAllocator, SeqPages
+from hetero.cache.pages import OFFLOADED, HeadSlots, OutOfPages, PageAllocator, SeqPages
 from hetero.config import ModelConfig
 from hetero.device import Device, format_size
 
@@ -161,14 +161,14 @@ class KVStore:
     def fetch(self, seq_id: int, layer: int, page_idx: list[int], capacity: int) -> list[int]:
         """Device pages holding offloaded pages ``page_idx`` of one layer, through the
         sequence's LRU page cache of ``capacity`` pages for that layer (misses are copied
-        from the host tier and counted)."""
+        from the host tier; hits and misses count pages of one KV head)."""
         assert len(page_idx) <= capacity, "more pages requested than the page cache holds"
         table = self.tables[seq_id]
         cache = table.cache[layer]
         wanted = set(page_idx)
         missing = [i for i in page_idx if i not in cache]
-        self.cache_hits += len(page_idx) - len(missing)
-        self.cache_misses += len(missing)
+        self.cache_hits += (len(page_idx) - len(missing)) * self.cfg.n_kv_heads
+        self.cache_misses += len(missing) * self.cfg.n_kv_heads
         for i in page_idx:
             if i in cache:
                 cache.move_to_end(i)
@@ -185,6 +185,54 @@ class KVStore:
             cache.update(zip(missing, pages))
         return [cache[i] for i in page_idx]
 
+    def fetch_heads(
+        self, seq_id: int, layer: int, page_idx: list[list[int]], resident: list[int]
+    ) -> list[int]:
+        """Device pages holding what sparse attention reads of one layer, in token order: in
+        each KV head ``h`` the offloaded pages ``page_idx[h]`` (the same count for every
+        head, distinct within a head, in no particular order), then copies of the device
+        pages ``resident`` (sinks and window; the last may be partial).
+
+        The pages are the layer's head cache, one run of device pages when the allocator
+        has one, so the CPU path reads them as one view and gathers nothing. A head keeps
+        the offloaded pages it holds and still wants where they are, and its new pages are
+        copied from the host tier into the slots of those it no longer wants: it pays for a
+        page only when it picks it anew. The resident pages are copied on the device (no
+        host traffic). Hits and misses count pages of one KV head.
+        """
+        table, ps = self.tables[seq_id], self.page_size
+        k = len(page_idx[0])
+        slots = table.heads[layer]
+        if slots is None or len(slots.held[0]) != k or len(slots.pages) < k + len(resident):
+            if slots is not None:  # the selection grew, or the window: start afresh
+                self.allocator.free(slots.pages)
+            spare = 2  # the window's page count varies by one or two from step to step
+            pages = self.allocator.allocate(k + len(resident) + spare)
+            slots = table.heads[layer] = HeadSlots(pages, [[-1] * k for _ in page_idx])
+        hk, hv = self.host[seq_id]
+        n_host, n_pool = hk.shape[2] // ps, self.k.shape[1] // ps
+        src, dst = [], []  # rows of the [Hkv * pages] views of the host tier and the pool
+        for h, (want, held) in enumerate(zip(page_idx, slots.held)):
+            wanted, have = set(want), set(held)
+            new = [i for i in want if i not in have]
+            free = [j for j, i in enumerate(held) if i not in wanted]
+            assert len(new) == len(free) == len(set(new)), "a head listed a page twice"
+            for j, i in zip(free, new):
+                held[j] = i
+                src.append(h * n_host + i)
+                dst.append(h * n_pool + slots.pages[j])
+        self.cache_hits += len(page_idx) * k - len(src)
+        self.cache_misses += len(src)
+        picked = slots.pages[: k + len(resident)]
+        copies = torch.tensor(picked[k:], device=self.k.device)
+        resident = torch.tensor(resident, device=self.k.device)
+        for pool, host in ((self.k, hk[layer]), (self.v, hv[layer])):
+            if src:
+                self.device.to_device(self._head_pages(pool), self._head_pages(host).index_select(
+                    1, torch.tensor(src)), index=torch.tensor(dst))
+            self._pages(pool).index_copy_(1, copies, self._pages(pool).index_select(1, resident))
+        return picked
+
     def drop_cache(self, seq_id: int, layer: int) -> None:
         """Free the page cache of one layer of ``seq_id`` (the host tier keeps the KV)."""
         cache = self.tables[seq_id].cache[layer]
@@ -195,6 +243,11 @@ class KVStore:
         """A ``[Hkv, n_slots, D]`` pool or host tier viewed as pages ``[Hkv, n_pages, ps, D]``:
         whole pages are copied by page index (one run of ``ps * D`` per page and head)."""
         return t.view(t.shape[0], -1, self.page_size, t.shape[2])
+
+    def _head_pages(self, t: Tensor) -> Tensor:
+        """A ``[Hkv, n_slots, D]`` pool or host tier viewed as ``[1, Hkv * n_pages, ps, D]``:
+        the page ``p`` of KV head ``h`` is row ``h * n_pages + p``."""
+        return t.view(1, -1, self.page_size, t.shape[2])
 
     # -- reporting -----------------------------------------------------------------------
 

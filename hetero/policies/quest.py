@@ -1,6 +1,6 @@
 """Quest (page top-k): score offloaded pages by the upper bound of q·k from their key
-min/max, fetch each KV head's top pages into the page cache, attend over sinks + top
-pages + local window. ``token_budget`` counts every attended token; the first
+min/max, fetch each KV head's top pages into the layer's head cache, attend over sinks +
+top pages + local window. ``token_budget`` counts every attended token; the first
 ``dense_layers`` layers stay exact (Quest keeps two)."""
 
 from __future__ import annotations
@@ -35,11 +35,15 @@ class QuestPolicy(Policy):
         return max(3, (self.token_budget - self.n_sink - self.n_local) // page_size)
 
     def cache_pages(self, cfg: ModelConfig, page_size: int) -> int:
-        return cfg.n_kv_heads * self.top_pages(page_size)  # heads may pick disjoint pages
+        # the head cache (KVStore.fetch_heads): the top pages, each KV head's picks in the
+        # same pages, then copies of the resident pages (sinks, window, the page leaving it)
+        # and two spare
+        resident = self.sink_pages(page_size) + self.n_local // page_size + 2
+        return self.top_pages(page_size) + resident + 2
 
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         store = step.store
-        ps, hkv = store.page_size, store.cfg.n_kv_heads
+        ps = store.page_size
         n_sink = self.sink_pages(ps)
         rows = []
         for b, s in enumerate(step.seq_ids):
@@ -52,13 +56,11 @@ class QuestPolicy(Policy):
             kmin, kmax = store.key_bounds(s, layer)
             scores = quest_page_scores(q[b], kmin, kmax)[:, n_sink : table.settled]
             top = scores.topk(min(self.top_pages(ps), scores.shape[1]), dim=1, sorted=False)
-            top = top.indices.cpu().add_(n_sink)  # [Hkv, k] page indices (tables are built on host)
-            # the heads' union goes through the page cache once
-            wanted, inverse = top.unique(return_inverse=True)
-            fetched = store.fetch(s, layer, wanted.tolist(), self.cache_pages(store.cfg, ps))
-            picked = torch.tensor(fetched, dtype=torch.int32)[inverse]
-            sinks, window = resident[:n_sink].expand(hkv, -1), resident[n_sink:].expand(hkv, -1)
-            rows.append(torch.cat([sinks, picked, window], dim=1))
-        bt, lens = pack_tables(rows, [store.tables[s].n_tokens for s in step.seq_ids], ps, hkv, q.device)
+            # [Hkv, k] page indices; each KV head's picks land in the same device pages,
+            # followed by copies of the resident ones: one page list for every head
+            picked = store.fetch_heads(s, layer, top.indices.add_(n_sink).tolist(), resident.tolist())
+            rows.append(torch.tensor(picked, dtype=torch.int32))
+        bt, lens = pack_tables(rows, [store.tables[s].n_tokens for s in step.seq_ids], ps,
+                               store.cfg.n_kv_heads, q.device)
         out, _ = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps)
         return out

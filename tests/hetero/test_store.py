@@ -55,10 +55,50 @@ def test_offload_keeps_key_bounds_and_fetch_goes_through_an_lru_cache():
     assert torch.equal(store.v[:, dev[1] * 4 : dev[1] * 4 + 4], kv[1, :, 4:8] + 100)
     assert store.memory_report().h2d_bytes == 2 * PAGE_BYTES
     assert store.fetch(0, 1, [1], capacity=2) == [dev[1]]  # a hit moves nothing
-    assert (store.cache_hits, store.cache_misses) == (1, 2)
+    assert (store.cache_hits, store.cache_misses) == (1 * 2, 2 * 2)  # pages of one KV head
     assert store.memory_report().h2d_bytes == 2 * PAGE_BYTES
     store.release(0)
     assert store.allocator.n_used == 0
+
+
+def test_fetch_heads_holds_each_heads_pages_in_shared_pages_and_copies_only_new_picks():
+    store = _store(pages=32)
+    _fill(store, 0, 32)  # 8 pages per layer
+    kv = _kv(store, 0)
+    pages_k = kv[1].view(2, 8, 4, 4)  # [Hkv, page, token, D]
+    store.offload(0, 1, [1, 2, 3, 4, 5])
+    resident = [store.tables[0].layers[1][i] for i in (0, 6, 7)]
+
+    def check(picked, picks):
+        assert len(picked) == 2 + len(resident)
+        got = store.k.view(2, -1, 4, 4)[:, picked]  # [Hkv, page, token, D]
+        for h, want in enumerate(picks):  # each head holds its own picks, in some order
+            assert {_page_of(got[h, j], pages_k[h]) for j in range(2)} == set(want)
+        assert torch.equal(got[:, 2:], pages_k[:, [0, 6, 7]])  # then the resident pages, in order
+        assert torch.equal(store.v.view(2, -1, 4, 4)[:, picked[2:]], pages_k[:, [0, 6, 7]] + 100)
+
+    h2d = store.memory_report().h2d_bytes
+    picks = [[1, 2], [4, 5]]
+    picked = store.fetch_heads(0, 1, picks, resident)
+    check(picked, picks)
+    assert (store.cache_hits, store.cache_misses) == (0, 4)
+    head_page = PAGE_BYTES // 2  # K and V of one page of one head
+    assert store.memory_report().h2d_bytes - h2d == 4 * head_page
+    picks = [[3, 1], [4, 5]]  # head 0 swaps page 2 for 3; head 1 keeps both
+    again = store.fetch_heads(0, 1, picks, resident)
+    assert again == picked  # the same device pages
+    check(again, picks)
+    assert (store.cache_hits, store.cache_misses) == (3, 5)
+    assert store.memory_report().h2d_bytes - h2d == 5 * head_page  # only the new pick crossed
+    used = store.allocator.n_used
+    store.release(0)
+    assert used > 0 and store.allocator.n_used == 0
+
+
+def _page_of(block, pages):
+    """Index of the page of ``pages`` [n, ps, D] equal to ``block`` [ps, D]."""
+    (i,) = [i for i in range(len(pages)) if torch.equal(pages[i], block)]
+    return i
 
 
 def test_fetch_evicts_the_least_recently_used_page():
@@ -121,6 +161,6 @@ def test_fetch_with_a_smaller_capacity_shrinks_the_cache():
     store.offload(0, 0, [1, 2, 3, 4, 5])
     store.fetch(0, 0, [1, 2, 3, 4], capacity=4)
     used = store.allocator.n_used
-    store.fetch(0, 0, [5], capacity=2)  # e.g. exact attention streaming through a quest cache
+    store.fetch(0, 0, [5], capacity=2)
     assert list(store.tables[0].cache[0]) == [4, 5]  # the most recent, within capacity
     assert store.allocator.n_used == used - 2
