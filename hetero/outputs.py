@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass
 class RequestStats:
     """Figures of one request. Traffic figures cover the whole ``generate`` call (a batch
     shares them); ``*_per_token`` divide the decode phase's traffic by the tokens the batch
-    decoded; ``cache_hit_rate`` is the decode phase's page-cache hits over lookups (exact
-    prefill streams every offloaded page through the cache once, which would swamp it)."""
+    decoded; ``cache_hit_rate`` is the decode phase's page-cache hits over lookups, counted
+    in pages of one KV head (exact prefill streams every offloaded page through the cache
+    once, which would swamp it)."""
 
     prompt_tokens: int
     generated_tokens: int
