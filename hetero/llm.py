@@ -251,7 +251,7 @@ class LLM:
                 f"device_kv_budget, shorten the prompt or max_new_tokens, or send fewer prompts"
             )
         seq = next(self._ids)
-        store.admit(seq, n, offload)
+        store.admit(seq, n, offload, self.policy.dense_layers)
         if offload:  # its pages are taken as it runs: keep them promised
             return seq, need
         store.reserve(seq, n)  # taken now: n_free already counts them

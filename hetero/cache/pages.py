@@ -85,7 +85,9 @@ class SeqPages:
     their key metadata in ``meta[l]`` pages (slot ``j`` of meta page ``m`` describes page
     ``m*page_size + j``), fetched copies for exact attention in the per-layer LRU
     ``cache[l]`` (page index -> device page), and the pages sparse attention picked per KV
-    head in ``heads[l]``.
+    head in ``heads[l]``. ``ahead[l]`` are device pages set aside for the layer's later
+    tokens: a layer that never offloads gets its whole run at admission, so that attention
+    reads it as one view however the other layers' pages interleave.
     """
 
     page_size: int
@@ -96,6 +98,7 @@ class SeqPages:
     meta: list[list[int]] = field(default_factory=list)
     cache: list[OrderedDict] = field(default_factory=list)
     heads: list[HeadSlots | None] = field(default_factory=list)
+    ahead: list[list[int]] = field(default_factory=list)
     n_tokens: int = 0
     settled: int = 0  # pages before this one are offloaded or stay for good (sinks)
 
@@ -105,6 +108,7 @@ class SeqPages:
             self.meta = [[] for _ in range(self.n_layers)]
             self.cache = [OrderedDict() for _ in range(self.n_layers)]
             self.heads = [None] * self.n_layers
+            self.ahead = [[] for _ in range(self.n_layers)]
 
     @property
     def n_pages(self) -> int:
@@ -116,7 +120,7 @@ class SeqPages:
 
     def on_device(self) -> list[int]:
         """Every device page the sequence holds: KV, metadata and cached copies."""
-        kv = [p for pages in self.layers for p in pages if p != OFFLOADED]
+        kv = [p for pages in self.layers + self.ahead for p in pages if p != OFFLOADED]
         cached = [p for c in self.cache for p in c.values()]
         picked = [p for h in self.heads if h is not None for p in h.pages]
         return kv + [p for m in self.meta for p in m] + cached + picked

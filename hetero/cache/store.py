@@ -65,16 +65,19 @@ class KVStore:
         need = table.pages_for(n_tokens)
         if need == 0:
             return table
-        if need * self.cfg.n_layers > self.allocator.n_free:
+        n_new = sum(max(0, need - len(ahead)) for ahead in table.ahead)
+        if n_new > self.allocator.n_free:
             raise OutOfPages(
                 f"the KV of {n_tokens} tokens needs "
-                f"{format_size(need * self.cfg.n_layers * self.page_bytes)} more on the device, "
+                f"{format_size(n_new * self.page_bytes)} more on the device, "
                 f"but only {format_size(self.allocator.n_free * self.page_bytes)} of the "
                 f"device_kv_budget {format_size(self.budget)} is free: raise device_kv_budget, "
                 f"shorten the prompt or max_new_tokens, or send fewer prompts"
             )
-        for pages in table.layers:  # one run per layer: the CPU path reads it as one view
-            pages += self.allocator.allocate(need)
+        for pages, ahead in zip(table.layers, table.ahead):
+            # one run per layer when free: the CPU path reads it as one view
+            pages += ahead[:need] + self.allocator.allocate(max(0, need - len(ahead)))
+            del ahead[:need]
         return table
 
     def release(self, seq_id: int) -> None:
@@ -109,12 +112,16 @@ class KVStore:
 
     # -- host tier -----------------------------------------------------------------------
 
-    def admit(self, seq_id: int, max_tokens: int, offload: bool) -> SeqPages:
+    def admit(self, seq_id: int, max_tokens: int, offload: bool, whole_layers: int = 0) -> SeqPages:
         """Start a sequence of at most ``max_tokens`` tokens; with ``offload`` its host tier
-        is allocated up front (pages outside the resident set will live there)."""
+        is allocated up front (pages outside the resident set will live there), and so are
+        the device pages of its first ``whole_layers`` layers, which never offload: one
+        run each."""
         assert seq_id not in self.tables, f"sequence {seq_id} admitted twice"
         table = self.tables[seq_id] = SeqPages(self.page_size, self.cfg.n_layers, offload, max_tokens)
         if offload:
+            for ahead in table.ahead[:whole_layers]:
+                ahead += self.allocator.allocate(-(-max_tokens // self.page_size))
             cfg = self.cfg
             capacity = -(-max_tokens // self.page_size) * self.page_size  # whole pages
             shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)

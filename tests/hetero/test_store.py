@@ -136,6 +136,21 @@ def test_each_layer_gets_one_run():
     assert store.tables[0].layers == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
+def test_whole_layers_of_an_offloading_sequence_are_one_run_however_pages_interleave():
+    store = _store(pages=16)
+    store.admit(0, 16, offload=True, whole_layers=1)  # layer 0 takes pages 0..3 now
+    for n in (4, 8, 12, 16):  # chunk by chunk, as prefill reserves
+        store.reserve(0, n)
+    table = store.tables[0]
+    assert table.layers == [[0, 1, 2, 3], [4, 5, 6, 7]] and table.ahead == [[], []]
+    store.release(0)
+    store.admit(1, 16, offload=True, whole_layers=1)
+    store.reserve(1, 4)
+    assert store.allocator.n_used == 4 + 1  # layer 0's pages are all set aside already
+    store.release(1)
+    assert store.allocator.n_used == 0
+
+
 def test_bad_page_size_and_tiny_budget():
     with pytest.raises(ValueError, match="power of two"):
         _store(page_size=6)

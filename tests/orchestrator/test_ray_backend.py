@@ -141,8 +141,12 @@ def test_a_killed_actor_fails_the_call_by_name_and_is_replaced(backend):
     attend_one(backend, 0, 3, torch.randn(HKV * G, D), CODES, 64)
     victim = backend.workers[1].actor
     ray.kill(victim)
-    with pytest.raises(ray.exceptions.RayActorError):  # dead now, the backend does not know
-        ray.get(victim.__ray_ready__.remote(), timeout=30)
+    deadline = time.perf_counter() + 30
+    with pytest.raises(ray.exceptions.RayActorError):  # the kill lands asynchronously
+        while time.perf_counter() < deadline:
+            ray.get(victim.__ray_ready__.remote(), timeout=30)
+            time.sleep(0.05)
+    # dead now, and the backend does not know yet
     sizes = backend.table_bytes(0)  # read as a failed request is cleaned up: logged, no raise
     assert sizes[2] > 0 and sizes[3] == 0 and backend.workers[1].dead
     t = time.perf_counter()
