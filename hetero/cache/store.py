@@ -1,9 +1,11 @@
 """The paged KV store: one device pool per layer under a byte budget, and a host tier.
 
 The device pool has the layout the attention kernels read: ``[Hkv, n_slots, D]`` for K and
-for V, ``n_slots = n_pages * page_size``, shared by all layers (each layer has its own pages). The host tier keeps a sequence's offloaded pages by
-token position (``[L, Hkv, capacity, D]``), the layout CPU workers scan. Every copy between
-the tiers goes through :class:`hetero.device.Device`, which counts the bytes.
+for V, ``n_slots = n_pages * page_size``, shared by all layers (each layer has its own
+pages). The host tier keeps a sequence's offloaded pages by token position (``[L, 2, Hkv,
+capacity, D]``, K then V), the layout CPU workers scan. K and V are views of one tensor in
+both tiers, so one copy moves a page's K and V. Every copy between the tiers goes through
+:class:`hetero.device.Device`, which counts the bytes.
 """
 
 from __future__ import annotations
@@ -49,12 +51,12 @@ class KVStore:
             )
         self.budget = budget
         self.allocator = PageAllocator(n_pages)
-        shape = (cfg.n_kv_heads, n_pages * page_size, cfg.head_dim)
+        shape = (2, cfg.n_kv_heads, n_pages * page_size, cfg.head_dim)
         # torch.empty reserves address space only; memory is committed as pages are written.
-        self.k = device.empty(shape, dtype)
-        self.v = device.empty(shape, dtype)
+        self.kv = device.empty(shape, dtype)
+        self.k, self.v = self.kv.unbind(0)
         self.tables: dict[int, SeqPages] = {}
-        self.host: dict[int, tuple[Tensor, Tensor]] = {}
+        self.host: dict[int, Tensor] = {}  # [L, 2, Hkv, capacity, D] per offloading sequence
         self.cache_hits = self.cache_misses = 0
 
     # -- sequences -----------------------------------------------------------------------
@@ -124,10 +126,8 @@ class KVStore:
                 ahead += self.allocator.allocate(-(-max_tokens // self.page_size))
             cfg = self.cfg
             capacity = -(-max_tokens // self.page_size) * self.page_size  # whole pages
-            shape = (cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim)
-            self.host[seq_id] = (
-                self.device.host_empty(shape, self.dtype), self.device.host_empty(shape, self.dtype)
-            )
+            shape = (cfg.n_layers, 2, cfg.n_kv_heads, capacity, cfg.head_dim)
+            self.host[seq_id] = self.device.host_empty(shape, self.dtype)
         return table
 
     def offload(self, seq_id: int, layer: int, page_idx: list[int]) -> None:
@@ -139,11 +139,9 @@ class KVStore:
         pages = table.layers[layer]
         assert all(pages[i] != OFFLOADED for i in page_idx), "offloading a page twice"
         src = torch.tensor([pages[i] for i in page_idx], device=self.k.device)
-        dst = torch.tensor(page_idx)
-        hk, hv = self.host[seq_id]
-        k = self._pages(self.k).index_select(1, src)  # [Hkv, n, ps, D]
-        self.device.to_host(self._pages(hk[layer]), k, index=dst)
-        self.device.to_host(self._pages(hv[layer]), self._pages(self.v).index_select(1, src), index=dst)
+        kv = self._pages(self.kv).index_select(1, src)  # [2 * Hkv, n, ps, D]
+        self.device.to_host(self._pages(self.host[seq_id][layer]), kv, index=torch.tensor(page_idx))
+        k = kv[: self.cfg.n_kv_heads]
         if not table.meta[layer]:  # one run for the whole sequence: scoring reads a view
             table.meta[layer] = self.allocator.allocate(-(-table.capacity // ps // ps))
         meta = torch.tensor([table.meta[layer][i // ps] * ps + i % ps for i in page_idx])
@@ -185,10 +183,9 @@ class KVStore:
         self.allocator.free(freed[len(missing) :])  # the cache shrank to a smaller capacity
         pages = reuse + self.allocator.allocate(len(missing) - len(reuse))
         if missing:
-            hk, hv = self.host[seq_id]
-            src, dst = torch.tensor(missing), torch.tensor(pages)
-            self.device.to_device(self._pages(self.k), self._pages(hk[layer]).index_select(1, src), index=dst)
-            self.device.to_device(self._pages(self.v), self._pages(hv[layer]).index_select(1, src), index=dst)
+            host = self._pages(self.host[seq_id][layer])
+            self.device.to_device(self._pages(self.kv), host.index_select(1, torch.tensor(missing)),
+                                  index=torch.tensor(pages))
             cache.update(zip(missing, pages))
         return [cache[i] for i in page_idx]
 
@@ -216,9 +213,9 @@ class KVStore:
             spare = 2  # the window's page count varies by one or two from step to step
             pages = self.allocator.allocate(k + len(resident) + spare)
             slots = table.heads[layer] = HeadSlots(pages, [[-1] * k for _ in page_idx])
-        hk, hv = self.host[seq_id]
-        n_host, n_pool = hk.shape[2] // ps, self.k.shape[1] // ps
-        src, dst = [], []  # rows of the [Hkv * pages] views of the host tier and the pool
+        host = self.host[seq_id][layer]
+        n_host, n_pool = host.shape[2] // ps, self.kv.shape[2] // ps
+        src, dst = [], []  # rows of the [2 * Hkv * pages] views of the host tier and the pool
         for h, (want, held) in enumerate(zip(page_idx, slots.held)):
             wanted, have = set(want), set(held)
             new = [i for i in want if i not in have]
@@ -230,14 +227,16 @@ class KVStore:
                 dst.append(h * n_pool + slots.pages[j])
         self.cache_hits += len(page_idx) * k - len(src)
         self.cache_misses += len(src)
+        if src:  # V's rows follow all of K's
+            hkv = len(page_idx)
+            src = torch.tensor(src + [i + hkv * n_host for i in src])
+            dst = torch.tensor(dst + [j + hkv * n_pool for j in dst])
+            self.device.to_device(self._head_pages(self.kv),
+                                  self._head_pages(host).index_select(1, src), index=dst)
         picked = slots.pages[: k + len(resident)]
-        copies = torch.tensor(picked[k:], device=self.k.device)
-        resident = torch.tensor(resident, device=self.k.device)
-        for pool, host in ((self.k, hk[layer]), (self.v, hv[layer])):
-            if src:
-                self.device.to_device(self._head_pages(pool), self._head_pages(host).index_select(
-                    1, torch.tensor(src)), index=torch.tensor(dst))
-            self._pages(pool).index_copy_(1, copies, self._pages(pool).index_select(1, resident))
+        pool = self._pages(self.kv)
+        copies = torch.tensor(picked[k:], device=self.kv.device)
+        pool.index_copy_(1, copies, pool.index_select(1, torch.tensor(resident, device=self.kv.device)))
         return picked
 
     def drop_cache(self, seq_id: int, layer: int) -> None:
@@ -247,14 +246,15 @@ class KVStore:
         cache.clear()
 
     def _pages(self, t: Tensor) -> Tensor:
-        """A ``[Hkv, n_slots, D]`` pool or host tier viewed as pages ``[Hkv, n_pages, ps, D]``:
-        whole pages are copied by page index (one run of ``ps * D`` per page and head)."""
-        return t.view(t.shape[0], -1, self.page_size, t.shape[2])
+        """A ``[..., Hkv, n_slots, D]`` pool or host tier (contiguous) viewed as pages
+        ``[H, n_pages, ps, D]``, ``H`` its heads (``2 * Hkv`` for K and V): whole pages are
+        copied by page index (one run of ``ps * D`` per page and head)."""
+        return t.view(-1, t.shape[-2] // self.page_size, self.page_size, t.shape[-1])
 
     def _head_pages(self, t: Tensor) -> Tensor:
-        """A ``[Hkv, n_slots, D]`` pool or host tier viewed as ``[1, Hkv * n_pages, ps, D]``:
-        the page ``p`` of KV head ``h`` is row ``h * n_pages + p``."""
-        return t.view(1, -1, self.page_size, t.shape[2])
+        """A pool or host tier viewed as ``[1, H * n_pages, ps, D]``: the page ``p`` of head
+        ``h`` is row ``h * n_pages + p``."""
+        return t.view(1, -1, self.page_size, t.shape[-1])
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -264,7 +264,7 @@ class KVStore:
             device_kv_budget=self.budget,
             device_kv_bytes=self.allocator.n_used * self.page_bytes,
             device_kv_bytes_peak=self.allocator.peak_used * self.page_bytes,
-            host_kv_bytes=sum(k.numel() * k.element_size() * 2 for k, _ in self.host.values()),
+            host_kv_bytes=sum(t.numel() * t.element_size() for t in self.host.values()),
             h2d_bytes=t.h2d_bytes,
             d2h_bytes=t.d2h_bytes,
             cache_hits=self.cache_hits,

@@ -117,9 +117,9 @@ class MagicPIGPolicy(Policy):
                              "policy.bind(backend, store) first")
         ps = store.page_size
         lo, hi = self.sink_pages(ps) * ps, max(settled, self.sink_pages(ps)) * ps
-        hk, hv = store.host[seq_id]
+        host = store.host[seq_id]
         for layer in layers:
-            self._backend.submit_build(seq_id, layer, hk[layer], hv[layer], lo, hi)
+            self._backend.submit_build(seq_id, layer, host[layer, 0], host[layer, 1], lo, hi)
         self._built[seq_id] = hi
 
     # -- decode --------------------------------------------------------------------------

@@ -43,8 +43,7 @@ def test_offload_keeps_key_bounds_and_fetch_goes_through_an_lru_cache():
     assert rep.d2h_bytes == 2 * PAGE_BYTES and rep.h2d_bytes == 0
     assert rep.host_kv_bytes == 2 * CFG.n_layers * 2 * 16 * 4 * 4  # K, V for 16 tokens
     assert store.allocator.n_used == 8 - 2 + 1
-    host_k = store.host[0][0]
-    assert torch.equal(host_k[1, :, 4:12], kv[1, :, 4:12])
+    assert torch.equal(store.host[0][1, 0, :, 4:12], kv[1, :, 4:12])
     kmin, kmax = store.key_bounds(0, 1)
     pages_k = kv[1].view(2, 4, 4, 4)  # [Hkv, page, token, D]
     assert torch.equal(kmin[:, 1:3], pages_k[:, 1:3].amin(2))
