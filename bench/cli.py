@@ -42,7 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="override the decode, prefill and memory context lengths")
     b.add_argument("--repeats", type=int, default=None, help="override the repeats per point")
     b.add_argument("--resume", action="store_true",
-                   help="reuse the speed points already in DIR/*.json (an interrupted run)")
+                   help="reuse the speed points an interrupted run timed (DIR/*.json and "
+                        "DIR/points.jsonl, where each point is journaled as it is timed)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     return b
 

@@ -40,21 +40,37 @@ def model_info() -> dict:
             "n_layers": config["num_hidden_layers"]}
 
 
+JOURNAL = "points.jsonl"
+"""Each speed point of a run is appended to ``DIR/points.jsonl`` as it is timed, so that a
+run cut off in the middle of a workload resumes from its last point."""
+
+
 def load_points(out_dir: Path) -> dict[tuple, dict]:
-    """Speed points already timed in ``out_dir``'s documents, keyed as ``Session`` keys
-    them (system, context, batch, n_decode); points that failed are left out."""
-    points = {}
+    """Speed points already timed in ``out_dir``'s documents and journal, keyed as
+    ``Session`` keys them (system, context, batch, n_decode); points that failed are left
+    out."""
+    rows = []
     for path in sorted(Path(out_dir).glob("*.json")):
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if doc.get("workload") not in ("decode", "prefill", "memory"):
+        if doc.get("workload") in ("decode", "prefill", "memory"):
+            rows += doc.get("rows", [])
+    journal = Path(out_dir) / JOURNAL
+    for line in journal.read_text().splitlines() if journal.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # the last line of a run killed while writing it
             continue
-        for row in doc.get("rows", []):
-            if "error" not in row and row.get("metrics"):
-                points[(row["system"], row["context"], row["batch"], row["n_decode"])] = row
-    return points
+    return {(r["system"], r["context"], r["batch"], r["n_decode"]): r
+            for r in rows if "error" not in r and r.get("metrics")}
+
+
+def record_point(out_dir: Path, row: dict) -> None:
+    """Append a timed point to ``out_dir``'s journal."""
+    with open(Path(out_dir) / JOURNAL, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 class Session:
@@ -82,6 +98,8 @@ class Session:
                 st = peers.setup(name)
             self.peers[name] = st
         # with resume, points timed by an earlier (interrupted) run are not timed again
+        if not resume:
+            (self.out_dir / JOURNAL).unlink(missing_ok=True)
         self._points: dict[tuple, dict] = load_points(self.out_dir) if resume else {}
         self._versions: dict[str, dict] = {}
         self._text: list[int] | None = None
@@ -134,6 +152,7 @@ class Session:
         key = (system.name, context, batch, n_decode)
         if key not in self._points:
             self._points[key] = self._time(system, context, batch, n_decode, repeats)
+            record_point(self.out_dir, self._points[key])
         return self._points[key]
 
     def _time(self, system: System, context: int, batch: int, n_decode: int, repeats: int) -> dict:

@@ -189,6 +189,22 @@ def test_resume_reuses_timed_points(recorded):
     assert _bench_args("all", "--resume").resume
 
 
+def test_resume_reads_points_journaled_before_a_workload_finished(recorded):
+    from bench.session import JOURNAL, load_points, record_point
+
+    (recorded / "decode.json").unlink()
+    (recorded / "memory.json").unlink()
+    row = {"system": "hetero-quest", "context": 8192, "batch": 1, "n_decode": 32,
+           "metrics": {"decode_ms": {"median": 80.0, "min": 79.0, "max": 81.0}}}
+    record_point(recorded, row)
+    record_point(recorded, dict(row, context=16384, metrics={}, error="worker died"))
+    with open(recorded / JOURNAL, "a") as f:
+        f.write('{"system": "hetero-quest", "cont')  # cut off while writing
+    points = load_points(recorded)
+    assert points[("hetero-quest", 8192, 1, 32)] == row
+    assert ("hetero-quest", 16384, 1, 32) not in points
+
+
 def test_report_command(recorded, capsys):
     assert main(["bench", "report", "--out", str(recorded)]) == 0
     assert capsys.readouterr().out.strip() == str(recorded / "report.md")
