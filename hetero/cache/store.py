@@ -32,6 +32,11 @@ class MemoryReport:
     cache_misses: int
 
 
+HEAD_CACHE_SPARE = 2
+"""Pages a layer's head cache holds beyond its first selection and resident copies: the
+window's page count varies by one or two from step to step."""
+
+
 class KVStore:
     """Device pool of KV pages under ``budget`` bytes, per-sequence page tables, host tier."""
 
@@ -122,11 +127,10 @@ class KVStore:
         assert seq_id not in self.tables, f"sequence {seq_id} admitted twice"
         table = self.tables[seq_id] = SeqPages(self.page_size, self.cfg.n_layers, offload, max_tokens)
         if offload:
+            cfg, n_pages = self.cfg, -(-max_tokens // self.page_size)
             for ahead in table.ahead[:whole_layers]:
-                ahead += self.allocator.allocate(-(-max_tokens // self.page_size))
-            cfg = self.cfg
-            capacity = -(-max_tokens // self.page_size) * self.page_size  # whole pages
-            shape = (cfg.n_layers, 2, cfg.n_kv_heads, capacity, cfg.head_dim)
+                ahead += self.allocator.allocate(n_pages)
+            shape = (cfg.n_layers, 2, cfg.n_kv_heads, n_pages * self.page_size, cfg.head_dim)
             self.host[seq_id] = self.device.host_empty(shape, self.dtype)
         return table
 
@@ -210,8 +214,7 @@ class KVStore:
         if slots is None or len(slots.held[0]) != k or len(slots.pages) < k + len(resident):
             if slots is not None:  # the selection grew, or the window: start afresh
                 self.allocator.free(slots.pages)
-            spare = 2  # the window's page count varies by one or two from step to step
-            pages = self.allocator.allocate(k + len(resident) + spare)
+            pages = self.allocator.allocate(k + len(resident) + HEAD_CACHE_SPARE)
             slots = table.heads[layer] = HeadSlots(pages, [[-1] * k for _ in page_idx])
         host = self.host[seq_id][layer]
         n_host, n_pool = host.shape[2] // ps, self.kv.shape[2] // ps
@@ -264,7 +267,7 @@ class KVStore:
             device_kv_budget=self.budget,
             device_kv_bytes=self.allocator.n_used * self.page_bytes,
             device_kv_bytes_peak=self.allocator.peak_used * self.page_bytes,
-            host_kv_bytes=sum(t.numel() * t.element_size() for t in self.host.values()),
+            host_kv_bytes=sum(h.numel() * h.element_size() for h in self.host.values()),
             h2d_bytes=t.h2d_bytes,
             d2h_bytes=t.d2h_bytes,
             cache_hits=self.cache_hits,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from gpu_kernels import paged_decode_attention, quest_page_scores
+from hetero.cache.store import HEAD_CACHE_SPARE
 from hetero.config import ModelConfig
 from hetero.policies.base import DecodeStep, Policy, pack_tables
 
@@ -37,9 +38,8 @@ class QuestPolicy(Policy):
     def cache_pages(self, cfg: ModelConfig, page_size: int) -> int:
         # the head cache (KVStore.fetch_heads): the top pages, each KV head's picks in the
         # same pages, then copies of the resident pages (sinks, window, the page leaving it)
-        # and two spare
         resident = self.sink_pages(page_size) + self.n_local // page_size + 2
-        return self.top_pages(page_size) + resident + 2
+        return self.top_pages(page_size) + resident + HEAD_CACHE_SPARE
 
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         store = step.store
