@@ -251,9 +251,10 @@ class LLM:
                 f"device_kv_budget, shorten the prompt or max_new_tokens, or send fewer prompts"
             )
         seq = next(self._ids)
-        store.admit(seq, n, offload, self.policy.dense_layers)
-        if offload:  # its pages are taken as it runs: keep them promised
-            return seq, need
+        n_free = store.allocator.n_free
+        store.admit(seq, n, offload, self.policy.dense_layers)  # takes the dense layers' pages
+        if offload:  # its other pages are taken as it runs: keep them promised
+            return seq, need - (n_free - store.allocator.n_free)
         store.reserve(seq, n)  # taken now: n_free already counts them
         return seq, 0
 

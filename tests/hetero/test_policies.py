@@ -72,6 +72,17 @@ def test_sparse_policies_offload_and_stay_in_budget(tiny_model_dir, reference, p
     assert s.device_kv_bytes_peak < full_kv
 
 
+def test_a_batch_fits_a_budget_of_exactly_its_resident_sets(tiny_model_dir, reference):
+    ids, _, _ = reference
+    params = dict(n_sink=4, n_local=16, token_budget=64, dense_layers=1)
+    llm = _llm(tiny_model_dir, "quest", **params)
+    cfg, ps, chunk = llm.config, llm.store.page_size, llm.engine.prefill_chunk
+    pages = sum(llm.policy.device_pages(cfg, n + 12, ps, chunk) for n in (len(ids), 200))
+    llm = _llm(tiny_model_dir, "quest", pages * llm.store.page_bytes, **params)
+    outs = llm.generate([ids, ids[:200]], GREEDY)  # the dense layer's pages count once
+    assert [len(o.token_ids) for o in outs] == [12, 12] and llm.store.allocator.n_used == 0
+
+
 def test_budget_below_the_resident_set_is_a_clear_error(tiny_model_dir):
     llm = _llm(tiny_model_dir, "quest", 24 * 4 * KV_PER_TOKEN // 4, n_sink=4, n_local=16,
                token_budget=64)
