@@ -139,8 +139,8 @@ def pack_tables(
     rows: list[Tensor], n_tokens: list[int], page_size: int, hkv: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Block tables [B, Hkv, P] (int32, -1 pads) and kv_lens [B, Hkv] from per-sequence page
-    lists: int32 ``[n]`` shared by every KV head or ``[Hkv, n]`` (every head the same
-    count), whose last page is the sequence's last (partial) page. A single shared row
+    lists, int32 ``[n]`` shared by every KV head, whose last page is the sequence's last
+    (partial) page. A single shared row
     stays a stride-0 view over heads, which the CPU kernel reads as one page list."""
     lens = []
     for r, n in zip(rows, n_tokens):
