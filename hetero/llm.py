@@ -239,7 +239,7 @@ class LLM:
         promised; it offloads if its policy says so. Returns its id and the pages it may use."""
         store, cfg, ps = self.store, self.config, self.store.page_size
         full = cfg.n_layers * -(-n // ps)
-        offload = self.policy.offloads(committed + full <= store.allocator.n_free)
+        offload = self.policy.offloads(committed + full <= store.allocator.n_free, n, ps)
         need = self.policy.device_pages(cfg, n, ps, self.engine.prefill_chunk) if offload else full
         if committed + need > store.allocator.n_free:
             raise OutOfPages(

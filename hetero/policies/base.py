@@ -65,9 +65,9 @@ class Policy(ABC):
 
     # -- tiering -------------------------------------------------------------------------
 
-    def offloads(self, fits: bool) -> bool:
-        """Whether a sequence keeps only its resident set on the device; ``fits`` tells
-        whether its whole KV fits the free device budget."""
+    def offloads(self, fits: bool, n_tokens: int, page_size: int) -> bool:
+        """Whether a sequence of up to ``n_tokens`` keeps only its resident set on the device;
+        ``fits`` tells whether its whole KV fits the free device budget."""
         return True
 
     def cache_pages(self, cfg: ModelConfig, page_size: int) -> int:

@@ -18,7 +18,7 @@ from hetero.policies.exact import exact_attention
 class DensePolicy(Policy):
     name = "dense"
 
-    def offloads(self, fits: bool) -> bool:
+    def offloads(self, fits: bool, n_tokens: int, page_size: int) -> bool:
         return not fits
 
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:

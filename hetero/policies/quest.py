@@ -35,6 +35,12 @@ class QuestPolicy(Policy):
         """Offloaded pages each KV head attends to (at least 3, as in Quest)."""
         return max(3, (self.token_budget - self.n_sink - self.n_local) // page_size)
 
+    def offloads(self, fits: bool, n_tokens: int, page_size: int) -> bool:
+        # a sequence whose offloadable pages never outnumber the top pages would have every
+        # one of them fetched back at each step: it stays whole on the device (exact) if it fits
+        offloadable = self.first_local(n_tokens, page_size) - self.sink_pages(page_size)
+        return not fits or offloadable > self.top_pages(page_size)
+
     def cache_pages(self, cfg: ModelConfig, page_size: int) -> int:
         # the head cache (KVStore.fetch_heads): the top pages, each KV head's picks in the
         # same pages, then copies of the resident pages (sinks, window, the page leaving it)

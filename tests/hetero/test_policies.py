@@ -50,6 +50,16 @@ def test_sparse_policies_that_cover_everything_equal_dense(tiny_model_dir, refer
     ids, ref, _ = reference
     (out,) = _llm(tiny_model_dir, policy, **params).generate(ids, GREEDY)
     assert out.token_ids == ref.token_ids
+    if policy == "quest":  # it would fetch back every page it offloads: it keeps them all
+        assert out.stats.d2h_bytes == out.stats.h2d_bytes == out.stats.host_kv_bytes == 0
+
+
+def test_quest_offloads_once_its_top_pages_cannot_cover_the_offloadable_pages():
+    quest = make_policy("quest", n_sink=4, n_local=16, token_budget=4 + 16 + 3 * 4)  # 3 pages
+    # pages between the sink page and the window's first, (n - 16) // 4: 1..3 at 35 tokens
+    assert not quest.offloads(True, 35, 4)
+    assert quest.offloads(True, 36, 4)  # 1..4: a page more than the top pages
+    assert quest.offloads(False, 35, 4)  # the whole KV does not fit the budget
 
 
 @pytest.mark.parametrize("policy", ["streaming", "quest", "magicpig"])
