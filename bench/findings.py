@@ -55,7 +55,7 @@ def fidelity_findings(doc: dict) -> list[str]:
                    "layer): " + ", ".join(f"{s} {100 * a:.0f}%" for s, a in needle.items()) + ".")
     err = defaultdict(dict)
     for r in doc["rows"]:
-        if r["test"] == "attention_error" and "error" not in r:
+        if r["test"] == "attention_error" and "error" not in r and not r.get("labels"):  # not speed-only
             err[(r["context"], r["fraction"])][r["system"]] = r["metrics"]["attention_error"]["median"]
     ratios = [e["hetero-quest"] / e["hetero-streaming"] for e in err.values()
               if "hetero-quest" in e and e.get("hetero-streaming")]

@@ -342,3 +342,17 @@ def test_kernel_bytes_count_probed_runs_and_candidate_rows():
     counts = np.array([1, 0], dtype=np.int32)
     assert _call_bytes(st, q_codes, counts) == 8 * 2 * 2 + ids + 1 * (2 * 4 * 4 + 4)
     assert all(r > 0 for r in copy_bandwidth(2, 1 << 20))
+
+
+def test_findings_compare_attention_error_within_the_trained_context_only():
+    from bench.findings import fidelity_findings
+
+    def row(system, context, error, labels=()):
+        return {"system": system, "test": "attention_error", "context": context, "fraction": 0.1,
+                "labels": list(labels), "metrics": {"attention_error": {"median": error}}}
+
+    beyond = ["beyond trained context: speed only"]
+    doc = {"rows": [row("hetero-quest", 4096, 0.1), row("hetero-streaming", 4096, 0.4),
+                    row("hetero-quest", 16384, 0.01, beyond), row("hetero-streaming", 16384, 1.0, beyond)]}
+    assert fidelity_findings(doc) == [
+        "Attention error of quest is 0.25–0.25x that of streaming at the same budget (lower is better)."]
