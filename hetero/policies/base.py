@@ -140,8 +140,8 @@ def pack_tables(
 ) -> tuple[Tensor, Tensor]:
     """Block tables [B, Hkv, P] (int32, -1 pads) and kv_lens [B, Hkv] from per-sequence page
     lists, int32 ``[n]`` shared by every KV head, whose last page is the sequence's last
-    (partial) page. A single shared row
-    stays a stride-0 view over heads, which the CPU kernel reads as one page list."""
+    (partial) page. A single row stays a stride-0 view over heads, which the CPU kernel
+    reads as one page list."""
     lens = []
     for r, n in zip(rows, n_tokens):
         last = n - (n - 1) // page_size * page_size  # tokens in the last page
