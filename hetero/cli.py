@@ -25,7 +25,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="dense", help="dense | streaming | quest | magicpig (default: dense)")
     p.add_argument("--device-kv-budget", default=None, metavar="SIZE", help="device KV memory, e.g. 64MiB, 2GiB or bytes")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (power of two)")
-    p.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill step")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens per prefill step (default: 1024 on the CPU, 4096 on CUDA)")
     p.add_argument("--token-budget", type=int, default=None, help="quest: tokens attended per step")
     p.add_argument("--lsh-k", type=int, default=None, help="magicpig: SimHash bits per table (default 8)")
     p.add_argument("--lsh-l", type=int, default=None, help="magicpig: hash tables (default 75)")

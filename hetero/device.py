@@ -2,8 +2,8 @@
 
 Every KV copy between host and device goes through :class:`Device`, which counts the bytes.
 On a CPU-only machine the "device" is CPU memory too, but the counters still tell what would
-cross PCIe on a GPU, so the same code and tests hold. CUDA-only details (pinned host memory,
-non-blocking copies) stay in this module.
+cross PCIe on a GPU, so the same code and tests hold. CUDA-only details (the copy stream,
+its events, pinned host memory, non-blocking copies) stay in this module.
 """
 
 from __future__ import annotations
@@ -72,11 +72,28 @@ class Traffic:
 
 
 class Device:
-    """A compute device and its host: allocation and counted copies between the two."""
+    """A compute device and its host: allocation and counted copies between the two.
+
+    On CUDA every copy between the tiers runs on one copy stream owned here, so copies
+    overlap the compute stream's kernels:
+
+    - device→host (:meth:`to_host`) lands in pinned host memory asynchronously; the copy
+      stream first waits for the compute stream (the source is written there) and an event
+      is recorded after it. A CPU reader of the destination calls :meth:`host_sync` first
+      (:meth:`host_gather` does), never reading a copy that has not landed.
+    - host→device (:meth:`to_device`) copies from pinned memory (:meth:`host_gather`
+      gathers into it) on the copy stream, and the compute stream waits for the copy
+      before anything reads the destination.
+
+    On the CPU both are plain copies. Either way the byte counters say what crosses the
+    link.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.traffic = Traffic()
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._landed: torch.cuda.Event | None = None  # after the last device→host copy
 
     @property
     def is_cuda(self) -> bool:
@@ -89,18 +106,89 @@ class Device:
         """Host memory; pinned when a GPU is present so copies can be asynchronous."""
         return torch.empty(shape, dtype=dtype, pin_memory=self.is_cuda)
 
-    def to_device(self, dst: Tensor, src: Tensor, index: Tensor | None = None) -> None:
-        """Copy host ``src`` into device ``dst`` (at slots ``index`` of dim 1) and count it."""
-        self._copy(dst, src, index)
-        self.traffic.h2d_bytes += src.numel() * src.element_size()
-
     def to_host(self, dst: Tensor, src: Tensor, index: Tensor | None = None) -> None:
-        """Copy device ``src`` into host ``dst`` (at slots ``index`` of dim 1) and count it."""
-        self._copy(dst, src, index)
-        self.traffic.d2h_bytes += src.numel() * src.element_size()
+        """Copy device ``src`` into host ``dst`` (at indices ``index`` of dim 1) and count it.
 
-    def _copy(self, dst: Tensor, src: Tensor, index: Tensor | None) -> None:
+        On CUDA ``dst`` must be pinned and the copy is asynchronous: call :meth:`host_sync`
+        before the CPU reads ``dst``.
+        """
+        self.traffic.d2h_bytes += src.numel() * src.element_size()
+        if self._stream is None:
+            if index is None:
+                dst.copy_(src)
+            else:
+                dst.index_copy_(1, index, src)
+            return
+        assert dst.is_pinned(), "asynchronous device→host copies need pinned host memory"
+        compute = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(compute)  # src is written on the compute stream
+        src.record_stream(self._stream)  # and must outlive the copy
+        with torch.cuda.stream(self._stream):
+            # One copy per contiguous run of dst: a non-contiguous destination would go
+            # through a pageable temporary that the CPU reads before the copy lands.
+            for d, s in _contiguous_pairs(dst, src, index):
+                d.copy_(s, non_blocking=True)
+            self._landed = torch.cuda.Event()
+            self._landed.record(self._stream)
+
+    def host_sync(self) -> None:
+        """Wait until every device→host copy issued so far has landed (no-op on the CPU)."""
+        if self._landed is not None:
+            self._landed.synchronize()
+
+    def host_gather(self, src: Tensor, dim: int, index: Tensor) -> Tensor:
+        """``src.index_select(dim, index)`` of a host tensor (by the CPU), into pinned memory
+        on CUDA, after the device→host copies into ``src`` have landed."""
+        if self._stream is None:
+            return src.index_select(dim, index)
+        self.host_sync()
+        shape = list(src.shape)
+        shape[dim] = index.numel()
+        out = torch.empty(shape, dtype=src.dtype, pin_memory=True)
+        return torch.index_select(src, dim, index, out=out)
+
+    def to_device(self, dst: Tensor, src: Tensor, index: Tensor | None = None) -> None:
+        """Copy host ``src`` into device ``dst`` (at indices ``index`` of dim 1) and count it.
+
+        On CUDA the copy runs on the copy stream from pinned memory (``src`` is staged into
+        pinned memory first if it is not) and the compute stream waits for it: work queued
+        on the compute stream afterwards sees ``dst`` written.
+        """
+        self.traffic.h2d_bytes += src.numel() * src.element_size()
+        if self._stream is None:
+            if index is None:
+                dst.copy_(src)
+            else:
+                dst.index_copy_(1, index, src)
+            return
+        if not (src.is_pinned() and src.is_contiguous()):
+            self.host_sync()
+            src = torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
+        compute = torch.cuda.current_stream(self.device)
+        # staged on the compute stream: the copy stream waits for what is queued there, so
+        # no kernel still reads the memory it reuses
+        staged = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+        self._stream.wait_stream(compute)
+        with torch.cuda.stream(self._stream):
+            staged.copy_(src, non_blocking=True)  # the pinned block is held until it lands
+        compute.wait_stream(self._stream)
         if index is None:
-            dst.copy_(src, non_blocking=self.is_cuda)
+            dst.copy_(staged)
         else:
-            dst.index_copy_(1, index.to(dst.device), src.to(dst.device, non_blocking=self.is_cuda))
+            dst.index_copy_(1, index.to(self.device, non_blocking=True), staged)
+
+
+def _contiguous_pairs(dst: Tensor, src: Tensor, index: Tensor | None) -> list[tuple[Tensor, Tensor]]:
+    """``(dst part, src part)`` pairs covering ``dst[:, index] = src`` (or ``dst = src``),
+    each part of ``dst`` contiguous: per leading row and per run of consecutive indices."""
+    if index is None:
+        if dst.is_contiguous():
+            return [(dst, src)]
+        return [(d, s) for i in range(dst.shape[0]) for d, s in _contiguous_pairs(dst[i], src[i], None)]
+    ids = index.tolist()  # a host tensor: no synchronisation
+    runs, first = [], 0
+    for j in range(1, len(ids) + 1):
+        if j == len(ids) or ids[j] != ids[j - 1] + 1:
+            runs.append((ids[first], first, j - first))
+            first = j
+    return [(dst[i, a : a + n], src[i, s : s + n]) for i in range(dst.shape[0]) for a, s, n in runs]

@@ -1,8 +1,9 @@
 """The engine: chunked prefill and batched decode steps over the paged KV store.
 
-``prefill`` runs one sequence's prompt chunk by chunk; ``decode`` runs one token for each
-sequence of a batch. Both build the step's metadata once and hand the model an ``attend``
-closure, so the model never sees the cache or the policy.
+``prefill`` runs one sequence's prompt: chunk by chunk through all layers when its KV stays
+on the device, layer by layer when it offloads; ``decode`` runs one token for each sequence
+of a batch. Both build the step's metadata once and hand the model (or one of its blocks)
+an ``attend`` closure, so the model never sees the cache or the policy.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gpu_kernels import prefill_attention
-from hetero.cache import OFFLOADED, KVStore
+from hetero.cache import KVStore
 from hetero.model import Transformer
 from hetero.policies import DecodeStep, Policy, exact_attention
 
@@ -41,56 +42,103 @@ class Engine:
 
         Returns logits [vocab] (float32) of the last token, or with ``score`` the
         log-probabilities [len(token_ids) - 1] of each token given the ones before it
-        (computed chunk by chunk: no [n, vocab] tensor). ``progress(n)`` is called after
-        each chunk of ``n`` tokens.
+        (computed chunk by chunk: no [n, vocab] tensor). ``progress(n)`` is called as ``n``
+        more of the prompt's tokens are done (by every layer).
+
+        A sequence that keeps its KV on the device is prefilled chunk by chunk through all
+        layers; one that offloads, layer by layer (:meth:`_prefill_layers`).
         """
+        if self.store.tables[seq_id].offload:
+            hidden = self._prefill_layers(seq_id, token_ids, progress)
+        else:
+            hidden = self._prefill_chunks(seq_id, token_ids, score, progress)
+        if not score:
+            return self.model.logits(hidden[-1:])[0]
+        outs = []
+        for start in range(0, len(token_ids) - 1, self.prefill_chunk):
+            rows = hidden[start : min(start + self.prefill_chunk, len(token_ids) - 1)]
+            targets = torch.tensor(token_ids[start + 1 : start + 1 + len(rows)], device=self.device)
+            logp = torch.log_softmax(self.model.logits(rows), dim=-1)
+            outs.append(logp.gather(1, targets[:, None])[:, 0])
+        return torch.cat(outs)
+
+    def _prefill_chunks(
+        self, seq_id: int, token_ids: list[int], keep_all: bool,
+        progress: Callable[[int], None] | None,
+    ) -> Tensor:
+        """Chunk-major prefill of a sequence whose KV stays on the device: each chunk runs
+        through every layer, attending to the KV written so far in place. Returns the final
+        hidden states [n, hidden] (with ``keep_all``; else of the last chunk only)."""
         store, model = self.store, self.model
         table = store.tables[seq_id]
-        outs = []
+        hidden = []
         for start in range(0, len(token_ids), self.prefill_chunk):
             chunk = token_ids[start : start + self.prefill_chunk]
             n = len(chunk)
-            last = start + n == len(token_ids) and not score
             store.reserve(seq_id, start + n)
             slots = store.slots(seq_id, start, n)
             block_tables = store.block_tables([seq_id])[:, 0]  # [L, P]
-            offloaded = [OFFLOADED in pages for pages in table.layers]
-            settled = self._settled(seq_id, start + n)
 
             def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 store.write(slots[layer], k, v)
-                if offloaded[layer]:
-                    out, _ = exact_attention(
-                        store, layer, seq_id, q, start, self.scale,
-                        self.policy.stream_pages,
-                    )
-                else:
-                    out, _ = prefill_attention(
-                        q, store.k, store.v, block_tables[layer], start, self.scale,
-                        store.page_size,
-                    )
-                # the layer is done with this chunk: its pages that left the window go
-                # now, and after the last chunk the policy may start on the layer while
-                # the device moves on to the next one
-                self._offload(seq_id, layer, settled)
-                if last:
-                    self.policy.on_prefill_layer_done(store, seq_id, layer, settled)
-                return out
+                return prefill_attention(q, store.k, store.v, block_tables[layer], start,
+                                         self.scale, store.page_size)[0]
 
             tokens = torch.tensor(chunk, device=self.device)
             positions = torch.arange(start, start + n, device=self.device)
-            hidden = model(tokens, positions, attend)
+            out = model(tokens, positions, attend)
+            hidden = [*hidden, out] if keep_all else [out]
             table.n_tokens = start + n
-            table.settled = max(table.settled, settled)
-            if score:
-                targets = torch.tensor(token_ids[start + 1 : start + n + 1], device=self.device)
-                logp = torch.log_softmax(model.logits(hidden[: len(targets)]), dim=-1)
-                outs.append(logp.gather(1, targets[:, None])[:, 0])
-            elif start + n == len(token_ids):
-                outs.append(model.logits(hidden[-1:])[0])
             if progress is not None:
                 progress(n)
-        return torch.cat(outs) if score else outs[0]
+        return torch.cat(hidden)
+
+    def _prefill_layers(
+        self, seq_id: int, token_ids: list[int], progress: Callable[[int], None] | None
+    ) -> Tensor:
+        """Layer-major prefill of an offloading sequence: all chunks of layer l, each
+        attending causally to the layer's KV so far with the prefill kernel, then layer l's
+        pages outside the resident set go to the host tier and the policy may start on the
+        layer (MagicPIG's tables) while the device runs layer l+1. The whole prompt's hidden
+        states are kept between layers; one layer's KV is on the device at a time.
+
+        With ``stream_prefill`` (not even one layer fits the budget) a layer's pages leave
+        after each chunk and later chunks stream them back in blocks (``exact_attention``).
+        Returns the final hidden states [n, hidden].
+        """
+        store, model, policy = self.store, self.model, self.policy
+        table, ps, n = store.tables[seq_id], store.page_size, len(token_ids)
+        n_layers = len(model.blocks)
+        x = model.embed(torch.tensor(token_ids, device=self.device))
+        cos, sin = model.rope.tables(torch.arange(n, device=self.device), x.dtype)
+        sink = policy.sink_pages(ps)
+        for layer, block in enumerate(model.blocks):
+            done = sink  # pages of this layer before it are offloaded (or sinks)
+            for start in range(0, n, self.prefill_chunk):
+                c = min(self.prefill_chunk, n - start)
+                store.reserve(seq_id, start + c, range(layer, layer + 1))
+                slots = store.slots(seq_id, start, c, range(layer, layer + 1))[0]
+                streamed = done > sink
+
+                def attend(_: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                    store.write(slots, k, v)
+                    if streamed:
+                        return exact_attention(store, layer, seq_id, q, start, self.scale,
+                                               policy.stream_pages)[0]
+                    pages = torch.tensor(table.layers[layer], dtype=torch.int32, device=self.device)
+                    return prefill_attention(q, store.k, store.v, pages, start, self.scale, ps)[0]
+
+                rows = slice(start, start + c)
+                x[rows] = block(x[rows], cos[rows], sin[rows], attend)
+                if table.stream_prefill:
+                    done = self._offload(seq_id, layer, done, self._settled(seq_id, start + c))
+            self._offload(seq_id, layer, done, self._settled(seq_id, n))
+            policy.on_prefill_layer_done(store, seq_id, layer, self._settled(seq_id, n))
+            if progress is not None:  # the prompt's tokens, shared out over the layers
+                progress(n * (layer + 1) // n_layers - n * layer // n_layers)
+        table.n_tokens = n
+        table.settled = self._settled(seq_id, n)
+        return model.norm(x)
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> Tensor:
@@ -131,8 +179,9 @@ class Engine:
         """Offload the pages of the sparse layers that left the local window."""
         table = self.store.tables[seq_id]
         settled = self._settled(seq_id, table.n_tokens)
+        first = max(table.settled, self.policy.sink_pages(self.store.page_size))
         for layer in range(self.model.cfg.n_layers):
-            self._offload(seq_id, layer, settled)
+            self._offload(seq_id, layer, first, settled)
         table.settled = max(table.settled, settled)
 
     def _settled(self, seq_id: int, n_tokens: int) -> int:
@@ -143,11 +192,11 @@ class Engine:
             return table.settled
         return max(table.settled, self.policy.first_local(n_tokens, ps))
 
-    def _offload(self, seq_id: int, layer: int, settled: int) -> None:
-        """Offload one layer's pages from the sinks (or ``table.settled``) up to ``settled``;
-        dense layers keep theirs."""
+    def _offload(self, seq_id: int, layer: int, first: int, settled: int) -> int:
+        """Offload one layer's pages ``first..settled-1`` (dense layers keep theirs and
+        sequences that do not offload keep everything); returns the new ``first``."""
         table = self.store.tables[seq_id]
         if not table.offload or layer < self.policy.dense_layers:
-            return
-        first = max(table.settled, self.policy.sink_pages(self.store.page_size))
+            return first
         self.store.offload(seq_id, layer, list(range(first, settled)))
+        return max(first, settled)

@@ -88,6 +88,11 @@ class SeqPages:
     head in ``heads[l]``. ``ahead[l]`` are device pages set aside for the layer's later
     tokens: a layer that never offloads gets its whole run at admission, so that attention
     reads it as one view however the other layers' pages interleave.
+
+    An offloading sequence is prefilled layer by layer, and ``layers[l]`` grows one layer at
+    a time then (layer 0 leads). With ``stream_prefill`` one layer's whole KV does not fit
+    the budget: the layer's pages leave for the host tier chunk by chunk and later chunks
+    stream them back.
     """
 
     page_size: int
@@ -101,6 +106,7 @@ class SeqPages:
     ahead: list[list[int]] = field(default_factory=list)
     n_tokens: int = 0
     settled: int = 0  # pages before this one are offloaded or stay for good (sinks)
+    stream_prefill: bool = False
 
     def __post_init__(self):
         if not self.layers:
@@ -112,7 +118,7 @@ class SeqPages:
 
     @property
     def n_pages(self) -> int:
-        return len(self.layers[0])
+        return len(self.layers[0])  # the most of any layer: layer 0 leads a layer-wise prefill
 
     def pages_for(self, n_tokens: int) -> int:
         """How many more pages per layer are needed to hold ``n_tokens`` tokens in all."""

@@ -5,7 +5,14 @@ for V, ``n_slots = n_pages * page_size``, shared by all layers (each layer has i
 pages). The host tier keeps a sequence's offloaded pages by token position (``[L, 2, Hkv,
 capacity, D]``, K then V), the layout CPU workers scan. K and V are views of one tensor in
 both tiers, so one copy moves a page's K and V. Every copy between the tiers goes through
-:class:`hetero.device.Device`, which counts the bytes.
+:class:`hetero.device.Device`, which counts the bytes and, on CUDA, runs it on the copy
+stream; the CPU reads the host tier only through :meth:`KVStore.host_tier` and
+:meth:`hetero.device.Device.host_gather`, which wait for those copies to land.
+
+On CUDA the pool grows with use (``grow``): it starts empty and is reallocated, larger, when
+a page beyond it is handed out, up to the budget, so an idle ``LLM`` holds no device memory
+for KV. On the CPU it is allocated at the budget's size at once: the operating system
+commits its memory only as pages are written, which is growth with use without copies.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class MemoryReport:
     device_kv_budget: int
     device_kv_bytes: int
     device_kv_bytes_peak: int
+    device_pool_bytes: int  # memory the pool holds (on CUDA it grows with use)
     host_kv_bytes: int
     h2d_bytes: int
     d2h_bytes: int
@@ -41,7 +49,8 @@ class KVStore:
     """Device pool of KV pages under ``budget`` bytes, per-sequence page tables, host tier."""
 
     def __init__(
-        self, cfg: ModelConfig, device: Device, dtype: torch.dtype, page_size: int, budget: int
+        self, cfg: ModelConfig, device: Device, dtype: torch.dtype, page_size: int, budget: int,
+        grow: bool | None = None,
     ):
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
@@ -56,23 +65,25 @@ class KVStore:
             )
         self.budget = budget
         self.allocator = PageAllocator(n_pages)
-        shape = (2, cfg.n_kv_heads, n_pages * page_size, cfg.head_dim)
-        # torch.empty reserves address space only; memory is committed as pages are written.
-        self.kv = device.empty(shape, dtype)
-        self.k, self.v = self.kv.unbind(0)
+        self.grows = device.is_cuda if grow is None else grow
+        self._set_pool(device.empty(self._pool_shape(0 if self.grows else n_pages), dtype))
         self.tables: dict[int, SeqPages] = {}
         self.host: dict[int, Tensor] = {}  # [L, 2, Hkv, capacity, D] per offloading sequence
         self.cache_hits = self.cache_misses = 0
 
     # -- sequences -----------------------------------------------------------------------
 
-    def reserve(self, seq_id: int, n_tokens: int) -> SeqPages:
-        """Make room on the device for ``n_tokens`` tokens of ``seq_id`` in every layer."""
+    def reserve(self, seq_id: int, n_tokens: int, layers: range | None = None) -> SeqPages:
+        """Make room on the device for ``n_tokens`` tokens of ``seq_id`` in ``layers``
+        (default: every layer)."""
         table = self.tables.get(seq_id) or self.admit(seq_id, n_tokens, offload=False)
-        need = table.pages_for(n_tokens)
-        if need == 0:
+        layers = range(self.cfg.n_layers) if layers is None else layers
+        want = -(-n_tokens // self.page_size)
+        need = {layer: want - len(table.layers[layer]) for layer in layers
+                if len(table.layers[layer]) < want}
+        if not need:
             return table
-        n_new = sum(max(0, need - len(ahead)) for ahead in table.ahead)
+        n_new = sum(max(0, n - len(table.ahead[layer])) for layer, n in need.items())
         if n_new > self.allocator.n_free:
             raise OutOfPages(
                 f"the KV of {n_tokens} tokens needs "
@@ -81,11 +92,18 @@ class KVStore:
                 f"device_kv_budget {format_size(self.budget)} is free: raise device_kv_budget, "
                 f"shorten the prompt or max_new_tokens, or send fewer prompts"
             )
-        for pages, ahead in zip(table.layers, table.ahead):
+        for layer, n in need.items():
             # one run per layer when free: the CPU path reads it as one view
-            pages += ahead[:need] + self.allocator.allocate(max(0, need - len(ahead)))
-            del ahead[:need]
+            ahead = table.ahead[layer]
+            table.layers[layer] += ahead[:n] + self._allocate(max(0, n - len(ahead)))
+            del ahead[:n]
         return table
+
+    def prepare(self, n_pages: int) -> None:
+        """Grow the pool now to hold ``n_pages`` pages beyond those in use (pages promised to
+        an admitted request), rather than bit by bit as they are taken."""
+        if self.grows and self.allocator.n_used + n_pages > self.n_pool_pages:
+            self._grow(self.allocator.n_used + n_pages)
 
     def release(self, seq_id: int) -> None:
         table = self.tables.pop(seq_id, None)
@@ -93,12 +111,14 @@ class KVStore:
             self.allocator.free(table.on_device())
         self.host.pop(seq_id, None)
 
-    def slots(self, seq_id: int, start: int, n: int) -> Tensor:
-        """Pool slots [L, n] (int64, device) of positions ``start..start+n-1`` per layer."""
+    def slots(self, seq_id: int, start: int, n: int, layers: range | None = None) -> Tensor:
+        """Pool slots [len(layers), n] (int64, device) of positions ``start..start+n-1`` per
+        layer of ``layers`` (default: every layer)."""
         table = self.tables[seq_id]
         ps = self.page_size
         first, last = start // ps, (start + n - 1) // ps
-        pages = torch.tensor([layer[first : last + 1] for layer in table.layers])  # [L, n_pages]
+        rows = table.layers if layers is None else [table.layers[layer] for layer in layers]
+        pages = torch.tensor([pages[first : last + 1] for pages in rows])  # [L, n_pages]
         assert bool((pages >= 0).all()), "writing to a page that is not on the device"
         pos = torch.arange(start, start + n)
         return (pages[:, pos // ps - first] * ps + pos % ps).to(self.device.device)
@@ -119,20 +139,28 @@ class KVStore:
 
     # -- host tier -----------------------------------------------------------------------
 
-    def admit(self, seq_id: int, max_tokens: int, offload: bool, whole_layers: int = 0) -> SeqPages:
+    def admit(self, seq_id: int, max_tokens: int, offload: bool, whole_layers: int = 0,
+              stream_prefill: bool = False) -> SeqPages:
         """Start a sequence of at most ``max_tokens`` tokens; with ``offload`` its host tier
         is allocated up front (pages outside the resident set will live there), and so are
         the device pages of its first ``whole_layers`` layers, which never offload: one
-        run each."""
+        run each. ``stream_prefill``: see :class:`SeqPages`."""
         assert seq_id not in self.tables, f"sequence {seq_id} admitted twice"
-        table = self.tables[seq_id] = SeqPages(self.page_size, self.cfg.n_layers, offload, max_tokens)
+        table = self.tables[seq_id] = SeqPages(self.page_size, self.cfg.n_layers, offload, max_tokens,
+                                               stream_prefill=stream_prefill)
         if offload:
             cfg, n_pages = self.cfg, -(-max_tokens // self.page_size)
             for ahead in table.ahead[:whole_layers]:
-                ahead += self.allocator.allocate(n_pages)
+                ahead += self._allocate(n_pages)
             shape = (cfg.n_layers, 2, cfg.n_kv_heads, n_pages * self.page_size, cfg.head_dim)
             self.host[seq_id] = self.device.host_empty(shape, self.dtype)
         return table
+
+    def host_tier(self, seq_id: int) -> Tensor:
+        """The host tier [L, 2, Hkv, capacity, D] of ``seq_id``, for CPU readers: every copy
+        into it issued so far has landed."""
+        self.device.host_sync()
+        return self.host[seq_id]
 
     def offload(self, seq_id: int, layer: int, page_idx: list[int]) -> None:
         """Move full pages ``page_idx`` of one layer to the host tier, keeping their key
@@ -147,7 +175,7 @@ class KVStore:
         self.device.to_host(self._pages(self.host[seq_id][layer]), kv, index=torch.tensor(page_idx))
         k = kv[: self.cfg.n_kv_heads]
         if not table.meta[layer]:  # one run for the whole sequence: scoring reads a view
-            table.meta[layer] = self.allocator.allocate(-(-table.capacity // ps // ps))
+            table.meta[layer] = self._allocate(-(-table.capacity // ps // ps))
         meta = torch.tensor([table.meta[layer][i // ps] * ps + i % ps for i in page_idx])
         self.k.index_copy_(1, meta.to(self.k.device), k.amin(dim=2))
         self.v.index_copy_(1, meta.to(self.k.device), k.amax(dim=2))
@@ -185,10 +213,10 @@ class KVStore:
         freed = [cache.pop(i) for i in [i for i in cache if i not in wanted][:n_evict]]
         reuse = freed[: len(missing)]
         self.allocator.free(freed[len(missing) :])  # the cache shrank to a smaller capacity
-        pages = reuse + self.allocator.allocate(len(missing) - len(reuse))
+        pages = reuse + self._allocate(len(missing) - len(reuse))
         if missing:
             host = self._pages(self.host[seq_id][layer])
-            self.device.to_device(self._pages(self.kv), host.index_select(1, torch.tensor(missing)),
+            self.device.to_device(self._pages(self.kv), self.device.host_gather(host, 1, torch.tensor(missing)),
                                   index=torch.tensor(pages))
             cache.update(zip(missing, pages))
         return [cache[i] for i in page_idx]
@@ -214,7 +242,7 @@ class KVStore:
         if slots is None or len(slots.held[0]) != k or len(slots.pages) < k + len(resident):
             if slots is not None:  # the selection grew, or the window: start afresh
                 self.allocator.free(slots.pages)
-            pages = self.allocator.allocate(k + len(resident) + HEAD_CACHE_SPARE)
+            pages = self._allocate(k + len(resident) + HEAD_CACHE_SPARE)
             slots = table.heads[layer] = HeadSlots(pages, [[-1] * k for _ in page_idx])
         host = self.host[seq_id][layer]
         n_host, n_pool = host.shape[2] // ps, self.kv.shape[2] // ps
@@ -235,7 +263,7 @@ class KVStore:
             src = torch.tensor(src + [i + hkv * n_host for i in src])
             dst = torch.tensor(dst + [j + hkv * n_pool for j in dst])
             self.device.to_device(self._head_pages(self.kv),
-                                  self._head_pages(host).index_select(1, src), index=dst)
+                                  self.device.host_gather(self._head_pages(host), 1, src), index=dst)
         picked = slots.pages[: k + len(resident)]
         pool = self._pages(self.kv)
         copies = torch.tensor(picked[k:], device=self.kv.device)
@@ -247,6 +275,32 @@ class KVStore:
         cache = self.tables[seq_id].cache[layer]
         self.allocator.free(list(cache.values()))
         cache.clear()
+
+    def _allocate(self, n: int) -> list[int]:
+        """``n`` device pages from the allocator; the pool grows to hold them if it must."""
+        pages = self.allocator.allocate(n)
+        if pages and max(pages) >= self.n_pool_pages:
+            self._grow(max(pages) + 1)
+        return pages
+
+    @property
+    def n_pool_pages(self) -> int:
+        return self.kv.shape[2] // self.page_size
+
+    def _grow(self, n_pages: int) -> None:
+        """Reallocate the pool to hold at least ``n_pages`` pages (a quarter more, to grow
+        rarely; at most the budget's), keeping what the pages in use hold."""
+        n_pages = min(self.allocator.n_pages, max(n_pages, self.n_pool_pages * 5 // 4))
+        old, used = self.kv, self.kv.shape[2]
+        self._set_pool(self.device.empty(self._pool_shape(n_pages), self.dtype))
+        self.kv[:, :, :used] = old
+
+    def _pool_shape(self, n_pages: int) -> tuple[int, int, int, int]:
+        return (2, self.cfg.n_kv_heads, n_pages * self.page_size, self.cfg.head_dim)
+
+    def _set_pool(self, kv: Tensor) -> None:
+        self.kv = kv
+        self.k, self.v = kv.unbind(0)
 
     def _pages(self, t: Tensor) -> Tensor:
         """A ``[..., Hkv, n_slots, D]`` pool or host tier (contiguous) viewed as pages
@@ -267,6 +321,7 @@ class KVStore:
             device_kv_budget=self.budget,
             device_kv_bytes=self.allocator.n_used * self.page_bytes,
             device_kv_bytes_peak=self.allocator.peak_used * self.page_bytes,
+            device_pool_bytes=self.kv.numel() * self.kv.element_size(),
             host_kv_bytes=sum(h.numel() * h.element_size() for h in self.host.values()),
             h2d_bytes=t.h2d_bytes,
             d2h_bytes=t.d2h_bytes,

@@ -91,18 +91,43 @@ class Policy(ABC):
         n_sink = min(n_pages, self.sink_pages(page_size))
         return [*range(n_sink), *range(self.first_local(n_tokens, page_size), n_pages)]
 
-    def device_pages(self, cfg: ModelConfig, n_tokens: int, page_size: int, chunk: int) -> int:
-        """Most device pages one offloading sequence of ``n_tokens`` holds at any time."""
+    def device_pages(self, cfg: ModelConfig, n_tokens: int, page_size: int, chunk: int,
+                     stream_prefill: bool = False) -> int:
+        """Most device pages one offloading sequence of ``n_tokens`` holds at any time: while
+        it is prefilled (:meth:`prefill_pages`) or decodes (:meth:`steady_pages`)."""
+        return max(self.steady_pages(cfg, n_tokens, page_size),
+                   self.prefill_pages(cfg, n_tokens, page_size, chunk, stream_prefill))
+
+    def steady_pages(self, cfg: ModelConfig, n_tokens: int, page_size: int) -> int:
+        """Device pages one offloading sequence of ``n_tokens`` holds while it decodes: the
+        dense layers whole, and the resident set, page cache and key metadata of every
+        other layer."""
         n_pages = -(-n_tokens // page_size)
-        sparse = (
-            -(-self.n_sink // page_size) + self.n_local // page_size + 2  # sinks, window
-            + chunk // page_size  # a prefill chunk before it is offloaded
-            + self.cache_pages(cfg, page_size)
-            + -(-n_pages // page_size)  # key metadata: one slot per page
-        )
         n_dense = min(self.dense_layers, cfg.n_layers)
-        staging = self.stream_pages  # exact attention streams one layer at a time
-        return n_dense * n_pages + (cfg.n_layers - n_dense) * min(sparse, n_pages + 1) + staging
+        cached = min(self._layer_share(n_pages, page_size) + self.cache_pages(cfg, page_size), n_pages + 1)
+        return n_dense * n_pages + (cfg.n_layers - n_dense) * cached
+
+    def prefill_pages(self, cfg: ModelConfig, n_tokens: int, page_size: int, chunk: int,
+                      stream_prefill: bool = False) -> int:
+        """Most device pages an offloading sequence holds while it is prefilled, layer by
+        layer: the dense layers whole, the layers done their resident set and metadata, and
+        the layer at hand its whole KV, or with ``stream_prefill`` its resident set, a chunk
+        and ``stream_pages`` of its prior KV streamed back."""
+        n_pages = -(-n_tokens // page_size)
+        n_dense = min(self.dense_layers, cfg.n_layers)
+        if n_dense == cfg.n_layers:
+            return n_dense * n_pages
+        share = min(self._layer_share(n_pages, page_size), n_pages + 1)
+        if stream_prefill:
+            at_hand = share + chunk // page_size + 1 + self.stream_pages
+        else:
+            at_hand = n_pages + -(-n_pages // page_size)
+        return n_dense * n_pages + (cfg.n_layers - n_dense - 1) * share + at_hand
+
+    def _layer_share(self, n_pages: int, page_size: int) -> int:
+        """Device pages an offloaded layer keeps: sinks, the window (and the page that
+        leaves it, and a partial one), key metadata (one slot per page)."""
+        return self.sink_pages(page_size) + self.n_local // page_size + 2 + -(-n_pages // page_size)
 
     # -- lifecycle hooks (no-ops unless a policy keeps state outside the store) ---------
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from gpu_kernels import paged_decode_attention
+from hetero.config import ModelConfig
 from hetero.policies.base import DecodeStep, Policy
 from hetero.policies.exact import exact_attention
 
@@ -20,6 +21,10 @@ class DensePolicy(Policy):
 
     def offloads(self, fits: bool, n_tokens: int, page_size: int) -> bool:
         return not fits
+
+    def steady_pages(self, cfg: ModelConfig, n_tokens: int, page_size: int) -> int:
+        # a decode step streams one layer's offloaded pages at a time through its page cache
+        return Policy.steady_pages(self, cfg, n_tokens, page_size) + self.stream_pages
 
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         store = step.store

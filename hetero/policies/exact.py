@@ -2,8 +2,11 @@
 place, offloaded pages are streamed through the layer's page cache in batches that fit it,
 and the cache is emptied afterwards (one layer's staging at a time is on the device).
 
-Used by prefill chunks of offloading sequences and by the dense policy once a sequence
-has offloaded. Every batch yields an ``(out, lse)`` partial; the partials merge exactly.
+Used by the dense policy once a sequence has offloaded (one query per sequence: the decode
+kernel) and by the prefill of a sequence whose layer does not fit the device budget whole
+(a chunk of queries: the prefill kernel, never the decode kernel with the chunk folded into
+its head axis, a tile that does not compile on a GPU at useful chunk sizes). Every batch
+yields an ``(out, lse)`` partial; the partials merge exactly.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gpu_kernels import merge_partials, paged_decode_attention, prefill_attention
+from gpu_kernels import merge_partials, paged_decode_attention, prefill_attention, prior_attention
 from hetero.cache import OFFLOADED, KVStore
 
 
@@ -53,16 +56,13 @@ def exact_attention(
 
 
 def _unmasked(q: Tensor, store: KVStore, pages: list[int], n_tokens: int, scale: float):
-    """Attention of every query of ``q`` [C, Hq, D] over ``n_tokens`` tokens of ``pages``.
-
-    The C queries of each KV head's group are folded into one decode row of C*G heads.
-    """
-    c, hq, d = q.shape
+    """Attention of every query of ``q`` [C, Hq, D] over ``n_tokens`` tokens of device
+    ``pages``: the prefill kernel's unmasked mode for a chunk, the decode kernel for one
+    query."""
+    table = torch.tensor(pages, dtype=torch.int32, device=q.device)
+    if q.shape[0] > 1:
+        return prior_attention(q, store.k, store.v, table, n_tokens, scale, store.page_size)
     hkv = store.cfg.n_kv_heads
-    g = hq // hkv
-    folded = q.view(c, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv * c * g, d)
-    table = torch.tensor(pages, dtype=torch.int32, device=q.device).expand(1, hkv, -1)
     lens = torch.full((1, hkv), n_tokens, dtype=torch.int32, device=q.device)
-    out, lse = paged_decode_attention(folded, store.k, store.v, table, lens, scale, store.page_size)
-    out = out.view(hkv, c, g, d).permute(1, 0, 2, 3).reshape(c, hq, d)
-    return out, lse.view(hkv, c, g).permute(1, 0, 2).reshape(c, hq)
+    return paged_decode_attention(q, store.k, store.v, table.expand(1, hkv, -1), lens, scale,
+                                  store.page_size)
