@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 # Re-install only when the dependency list changes (idempotent and quick when done).
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test bench-setup bench-quick bench
+.PHONY: setup demo test test-cuda bench-setup bench-quick bench
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The `cuda` tests (compiled Triton kernels, tests/cuda/) on a GPU machine; they skip without one.
+test-cuda: setup
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -rs -m cuda
 
 # Peers (kvpress, llama-cpp-python built from source) go to git-ignored venvs in bench/.peers/.
 bench-setup: setup

@@ -1,9 +1,30 @@
+import functools
 import os
 
 # Triton kernels run in the interpreter here (no GPU); it must be set before triton is imported.
+# `make test-cuda` sets it to 0 for the `cuda` tests: Triton reads it when kernels are
+# decorated, at import, so interpreted and compiled kernels cannot share a process.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+
+@functools.cache
+def cuda_skip_reason() -> str | None:
+    """Why tests marked ``cuda`` cannot run in this process, or None if they can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cuda test: no CUDA GPU (torch.cuda.is_available() is False)"
+    if os.environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes", "y"):
+        return ("cuda test: TRITON_INTERPRET=1 would run Triton's interpreter, not the compiled "
+                "kernels; run `make test-cuda` (TRITON_INTERPRET=0 pytest -m cuda)")
+    return None
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") is not None and cuda_skip_reason() is not None:
+        pytest.skip(cuda_skip_reason())
 
 
 @pytest.fixture(scope="session")
