@@ -73,10 +73,12 @@ class CPUBackend(ABC):
         """Build (or rebuild) the tables of one layer of ``seq_id`` over key positions
         ``[lo, hi)``.
 
-        ``keys``, ``values`` are the layer's host tier, ``[Hkv, capacity, D]`` float32 CPU
-        tensors indexed by token position; the backend keeps them and reads later positions
-        from them as they are offloaded (workers in the process read them in place, workers
-        elsewhere receive copies of the rows they need). The future's result is None.
+        ``keys``, ``values`` are the layer's host tier, ``[Hkv, capacity, D]`` CPU tensors
+        (float32, bfloat16 or float16) indexed by token position, whose copies from the
+        device have landed; the backend keeps them and reads later positions from them as
+        they are offloaded (workers in the process read float32 in place and convert half
+        rows into a float32 copy, workers elsewhere receive float32 copies of the rows they
+        need). The future's result is None.
         """
 
     @abstractmethod

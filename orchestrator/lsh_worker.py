@@ -5,10 +5,14 @@ keys of each KV head: the centre (mean of the offloaded keys), the centred key n
 L hash tables of K-bit SimHash buckets (``cpu_kernels.lsh``). It reads the rows it samples
 from the layer's host tier (``[Hkv, capacity, D]``, indexed by token position), either:
 
-- views of the host tier (``KVStore.host[seq]``) passed to ``build``: nothing is copied
-  (a worker in the process, ``orchestrator.local``); or
-- its own copy, filled from the ``rows`` that ``build`` and ``attend`` receive (a worker in
-  another process or on another node, ``orchestrator.ray_backend``).
+- views of a float32 host tier (``KVStore.host[seq]``) passed to ``build``: nothing is
+  copied (a worker in the process, ``orchestrator.local``);
+- its own float32 copy, filled from the ``rows`` that ``build`` and ``attend`` receive (a
+  worker in another process or on another node, ``orchestrator.ray_backend``); or
+- its own float32 copy, converted from views of a bfloat16 or float16 host tier passed to
+  ``build`` (the kernels have a float32 path only): rows ``[0, hi)`` at the build, rows
+  offloaded later as the first attention call that reads them converts them. The copy
+  costs 4 bytes per element besides the host tier's 2 (committed as rows are converted).
 
 Positions ``[lo, hi)`` offloaded when the tables were built are sampled through them.
 Positions offloaded later (while decoding, a page at a time) are few: they are attended
@@ -18,7 +22,9 @@ when that tail grows.
 A plain class: no threads, no locks, no Ray. ``orchestrator.local`` runs its calls on a
 thread pool; ``orchestrator.ray_backend`` wraps it as an actor. Either way a build may run
 while an attention call of another layer (or of the same layer, over the previous tables)
-does: a build replaces a layer's state in one assignment.
+does: a build replaces a layer's state in one assignment. Two calls converting the same
+half rows at once write the same values, and the converted bound only grows once rows
+are written, so neither needs a lock.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class LayerLSH:
     Attributes
     ----------
     keys, values : [Hkv, capacity, D] float32: views of the host tier, or the worker's copy.
+    source : the half-precision host tier the copy is converted from, or None.
     mean : [Hkv, D] float32, the centre of the keys in ``[lo, hi)``.
     norms : [Hkv, hi] float32, ``|k - mean|`` (0 below ``lo``).
     tables : ids over positions ``0..hi-1``; positions below ``lo`` are in bucket 0 and
@@ -56,10 +63,31 @@ class LayerLSH:
     tables: LSHTables
     lo: int
     hi: int
+    source: _HalfSource | None = None
 
     @property
     def nbytes(self) -> int:
         return self.tables.nbytes + self.norms.nbytes + self.mean.nbytes
+
+
+class _HalfSource:
+    """Views of a bfloat16 or float16 host tier of one layer and the worker's float32 copy
+    they are converted into, rows ``[0, converted)`` so far."""
+
+    __slots__ = ("keys", "values", "copy", "converted")
+
+    def __init__(self, keys: Tensor, values: Tensor, copy: tuple[np.ndarray, np.ndarray]):
+        self.keys, self.values, self.copy, self.converted = keys, values, copy, 0
+
+    def convert(self, hi: int) -> None:
+        """Convert rows ``[converted, hi)`` into the copy (torch: numpy has no bfloat16)."""
+        start = self.converted
+        if hi <= start:
+            return
+        for src, dst in zip((self.keys, self.values), self.copy):
+            torch.from_numpy(dst[:, start:hi]).copy_(src[:, start:hi])
+        # after the rows: a reader that sees the bound finds them written
+        self.converted = max(self.converted, hi)
 
 
 class Rows(NamedTuple):
@@ -69,7 +97,8 @@ class Rows(NamedTuple):
     Attributes
     ----------
     start : first position.
-    keys, values : [Hkv, n, D] float32.
+    keys, values : [Hkv, n, D] float32 (a sender converts half-precision rows first: the
+        copy is float32).
     capacity : positions of the sequence's host tier; the copy is allocated at this size
         on its first rows (zeroed: memory is committed only as rows arrive).
     """
@@ -103,6 +132,7 @@ class LSHWorker:
         self.k, self.l, self.scale = k, l, float(scale)
         self.state: dict[tuple[int, int], LayerLSH] = {}
         self.copies: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # own host tier
+        self.sources: dict[tuple[int, int], _HalfSource] = {}  # half host tiers of the copies
         self.keys_read = 0  # summed over query heads and calls
         self.keys_offloaded = 0
 
@@ -117,8 +147,10 @@ class LSHWorker:
 
         Parameters
         ----------
-        keys, values : [Hkv, capacity, D] float32, C-contiguous (CPU tensors or arrays): the
-            layer's host tier, kept as views; or both None: the worker's own copy.
+        keys, values : [Hkv, capacity, D] CPU tensors or arrays, the layer's host tier:
+            float32 and C-contiguous, kept as views; or bfloat16 / float16 (both the same),
+            kept as views and converted into the worker's own float32 copy as rows are
+            needed; or both None: the worker's own copy.
         n_offloaded_lo, n_offloaded_hi : the offloaded positions ``[lo, hi)``.
         rows : rows stored into the worker's own copy first (see :class:`Rows`).
 
@@ -132,6 +164,11 @@ class LSHWorker:
                 raise ValueError(f"no copy of the host tier of sequence {seq_id}, layer {layer}: "
                                  f"pass keys and values, or rows")
             keys, values = self.copies[(seq_id, layer)]
+            source = self.sources.get((seq_id, layer))
+        else:
+            source = self._half_source(seq_id, layer, keys, values)
+        if source is not None:
+            keys, values = source.copy
         keys, values = _host_rows(keys, "keys"), _host_rows(values, "values")
         lo, hi = int(n_offloaded_lo), int(n_offloaded_hi)
         hkv, cap, d = keys.shape
@@ -140,6 +177,8 @@ class LSHWorker:
                              f"with D = {r.shape[0]}")
         if not 0 <= lo <= hi <= cap:
             raise ValueError(f"offloaded positions [{lo}, {hi}) must lie in [0, capacity={cap}]")
+        if source is not None:
+            source.convert(hi)
         rows = keys[:, lo:hi]  # a view
         mean = (rows.mean(axis=1, dtype=np.float64) if hi > lo else np.zeros((hkv, d))).astype(np.float32)
         norms = np.zeros((hkv, hi), dtype=np.float32)
@@ -147,7 +186,7 @@ class LSHWorker:
         if hi > lo:
             norms[:, lo:] = centred_norms(rows, mean)
             codes[:, lo:] = simhash_codes(rows, r, self.k, self.l, center=mean)
-        state = LayerLSH(keys, values, mean, norms, build_tables(codes, self.k), lo, hi)
+        state = LayerLSH(keys, values, mean, norms, build_tables(codes, self.k), lo, hi, source)
         old = self.state.get((seq_id, layer))
         if old is None or old.hi <= hi:
             self.state[(seq_id, layer)] = state
@@ -181,6 +220,8 @@ class LSHWorker:
         if not st.hi <= hi <= st.keys.shape[1]:
             raise ValueError(f"n_offloaded_hi={hi} must lie in [{st.hi}, {st.keys.shape[1]}] "
                              f"(the tables cover positions up to {st.hi})")
+        if st.source is not None:
+            st.source.convert(hi)  # rows offloaded since the build
         q = np.array(_numpy(q), dtype=np.float32, order="C")  # writable: torch reads it
         hq = q.shape[0]
         parts = []
@@ -210,10 +251,9 @@ class LSHWorker:
 
     def release(self, seq_id: int) -> None:
         """Drop the state of every layer of ``seq_id`` (the views or copy of its host tier too)."""
-        for key in [key for key in self.state if key[0] == seq_id]:
-            del self.state[key]
-        for key in [key for key in self.copies if key[0] == seq_id]:
-            del self.copies[key]
+        for table in (self.state, self.copies, self.sources):
+            for key in [key for key in table if key[0] == seq_id]:
+                del table[key]
 
     def key_counts(self) -> tuple[int, int]:
         """Keys read by attention calls and offloaded keys they could have read, summed over
@@ -250,6 +290,26 @@ class LSHWorker:
         copy[0][:, start:start + n] = keys
         copy[1][:, start:start + n] = values
 
+    def _half_source(self, seq_id: int, layer: int, keys: Tensor | np.ndarray,
+                     values: Tensor | np.ndarray) -> _HalfSource | None:
+        """The layer's half-precision source if ``keys`` and ``values`` are a bfloat16 or
+        float16 host tier (its copy allocated on the first build), else None."""
+        k, v = _half(keys), _half(values)
+        if k is None and v is None:
+            return None
+        if k is None or v is None or k.dtype != v.dtype:
+            raise TypeError(f"keys and values must have one dtype, got {keys.dtype} and {values.dtype}")
+        if k.ndim != 3 or v.shape != k.shape or k.device.type != "cpu" or v.device.type != "cpu":
+            raise TypeError(f"keys and values must be a [Hkv, capacity, D] host tier on the CPU, got "
+                            f"{tuple(k.shape)} on {k.device} and {tuple(v.shape)} on {v.device}")
+        source = self.sources.get((seq_id, layer))
+        if source is not None and source.keys.shape == k.shape:
+            source.keys, source.values = k, v  # new views of the same tier: the copy stays
+            return source
+        copy = self.copies[(seq_id, layer)] = (np.zeros(k.shape, np.float32), np.zeros(k.shape, np.float32))
+        source = self.sources[(seq_id, layer)] = _HalfSource(k, v, copy)
+        return source
+
     def _projection(self, layer: int) -> np.ndarray:
         if layer not in self.projections:
             raise ValueError(f"layer {layer} is not served by this worker (layers {self.layers})")
@@ -260,11 +320,18 @@ def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
     return x.numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
+def _half(x: Tensor | np.ndarray) -> Tensor | None:
+    """``x`` as a tensor if it is bfloat16 or float16, else None."""
+    if isinstance(x, Tensor):
+        return x if x.dtype in (torch.bfloat16, torch.float16) else None
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) and x.dtype == np.float16 else None
+
+
 def _host_rows(x: Tensor | np.ndarray, name: str) -> np.ndarray:
     a = _numpy(x)
     if a.ndim != 3 or a.dtype != np.float32 or not a.flags.c_contiguous:
-        raise TypeError(f"{name} must be a C-contiguous float32 [Hkv, capacity, D] host tier, got "
-                        f"{a.dtype} {a.shape}: the CPU kernels read it in place and have no half path")
+        raise TypeError(f"{name} must be a [Hkv, capacity, D] host tier, C-contiguous float32 (read in "
+                        f"place) or bfloat16 / float16 (converted), got {a.dtype} {a.shape}")
     return a
 
 

@@ -15,6 +15,9 @@ offloaded KV, and the driver sends each row once with the call that first needs 
   page every ``page_size`` steps) inline with q and its codes: one call per layer and step
   for the whole batch.
 
+Rows of a bfloat16 or float16 host tier are converted to float32 on the driver as they are
+sent (the actor's copy is float32, as the kernels are); q is float32 already.
+
 Builds and attention calls run in two threads of the actor (its "build" and "attend"
 concurrency groups), so attention never queues behind a rebuild; each group runs its calls
 in submission order and each carries the rows it needs, so no call reads a row that is
@@ -82,7 +85,7 @@ class _Worker:
 class _Sent:
     """What the driver sent an actor of one layer of one sequence."""
 
-    keys: Tensor  # the driver's host tier of the layer, [Hkv, capacity, D] (views)
+    keys: Tensor  # the driver's host tier of the layer, [Hkv, capacity, D] (views; float32 or half)
     values: Tensor
     built: int  # rows [.., built) went with builds
     attended: int  # rows [first build's hi, attended) went with attention calls
@@ -309,10 +312,16 @@ _advised = False
 
 
 def _rows(keys: Tensor, values: Tensor, start: int, stop: int) -> Rows:
-    """Rows ``[start, stop)`` of a layer's host tier as contiguous arrays to send."""
-    k, v = keys.numpy(), values.numpy()
-    return Rows(start, np.ascontiguousarray(k[:, start:stop]), np.ascontiguousarray(v[:, start:stop]),
-                k.shape[1])
+    """Rows ``[start, stop)`` of a layer's host tier as contiguous arrays to send; bfloat16 and
+    float16 rows are converted to float32 here (the actor's copy is float32; numpy has no
+    bfloat16), other dtypes go as they are (the actor rejects them)."""
+    return Rows(start, _send(keys[:, start:stop]), _send(values[:, start:stop]), keys.shape[1])
+
+
+def _send(rows: Tensor) -> np.ndarray:
+    if rows.dtype in (torch.bfloat16, torch.float16):
+        rows = rows.float()
+    return np.ascontiguousarray(rows.numpy())
 
 
 def _tensors(arrays: tuple[np.ndarray, ...]) -> tuple[Tensor, ...]:

@@ -4,7 +4,8 @@ rest; the two partials merge by LSE. See DESIGN.md, "MagicPIG", and ``cpu_kernel
 
 Per sparse layer (the first ``dense_layers`` stay exact on the device):
 
-- prefill (``on_prefill_layer_done``): as each layer finishes the prompt's last chunk, the
+- prefill (``on_prefill_layer_done``): as each layer finishes the prompt (an offloading
+  sequence is prefilled layer by layer) and its pages have landed on the host, the
   backend starts building, per KV head, ``lsh_l`` tables of ``lsh_k``-bit buckets over the
   layer's offloaded keys centred by their mean (one pool task per layer), while the device
   moves on to the next layer, samples the first token and starts decoding; a layer's first
@@ -90,9 +91,9 @@ class MagicPIGPolicy(Policy):
     # -- set-up and lifecycle ------------------------------------------------------------
 
     def bind(self, backend: CPUBackend, store: KVStore) -> None:
-        if store.dtype != torch.float32:
-            raise ValueError(f"magicpig needs float32 KV (dtype='float32'), got {store.dtype}: the CPU "
-                             f"workers read the host tier in place and have no half-precision path")
+        # float32 KV is read in place by the CPU workers; half KV is converted by them
+        if store.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"magicpig needs float32, bfloat16 or float16 KV, got {store.dtype}")
         cfg = store.cfg
         d, kl = cfg.head_dim, self.lsh_k * self.lsh_l
         proj = {layer: np.random.default_rng([self.seed, layer]).standard_normal((d, kl), dtype=np.float32)
@@ -117,7 +118,7 @@ class MagicPIGPolicy(Policy):
                              "policy.bind(backend, store) first")
         ps = store.page_size
         lo, hi = self.sink_pages(ps) * ps, max(settled, self.sink_pages(ps)) * ps
-        host = store.host[seq_id]
+        host = store.host_tier(seq_id)  # the layers' copies to the host have landed
         for layer in layers:
             self._backend.submit_build(seq_id, layer, host[layer, 0], host[layer, 1], lo, hi)
         self._built[seq_id] = hi
@@ -142,10 +143,11 @@ class MagicPIGPolicy(Policy):
                     self._maybe_rebuild(store, step.seq_ids[b])
             sel = q[cpu]
             codes = simhash_codes(sel, self._proj[layer], self.lsh_k, self.lsh_l)  # [n, Hq, L]
-            q_host = torch.empty(sel.shape, dtype=torch.float32)
-            codes_host = torch.empty(codes.shape, dtype=codes.dtype)
-            device.to_host(q_host, sel)
+            q_host = device.host_empty(sel.shape, torch.float32)
+            codes_host = device.host_empty(codes.shape, codes.dtype)
+            device.to_host(q_host, sel.float())
             device.to_host(codes_host, codes)
+            device.host_sync()  # the worker reads q, codes and the pages offloaded so far
             future = self._backend.submit_attend(layer, [step.seq_ids[b] for b in cpu], q_host, codes_host,
                                                  [tables[b].settled * ps for b in cpu])
         # meanwhile, the resident set (everything, for dense layers) on the device

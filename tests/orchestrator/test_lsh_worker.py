@@ -1,6 +1,7 @@
 """LSHWorker: tables over the host tier's offloaded rows, sampled attention against the
 kernels' torch references, the exact limit (K=0 samples every key), the exactly attended
-tail, an own copy filled from rows (a worker in another process) equal to views, release and
+tail, an own copy filled from rows (a worker in another process) equal to views, a half
+precision host tier converted into an own copy equal to its float32 conversion, release and
 bad arguments."""
 
 import math
@@ -151,6 +152,10 @@ def test_bad_calls():
         worker.build(0, LAYER, keys, values, 16, CAP + 1)
     with pytest.raises(TypeError, match="float32"):
         worker.build(0, LAYER, keys.double(), values.double(), 16, 64)
+    with pytest.raises(TypeError, match="one dtype"):
+        worker.build(0, LAYER, keys.bfloat16(), values, 16, 64)
+    with pytest.raises(TypeError, match="one dtype"):
+        worker.build(0, LAYER, keys.bfloat16(), values.half(), 16, 64)
     worker.build(0, LAYER, keys, values, 16, 64)
     with pytest.raises(ValueError, match="n_offloaded_hi"):
         worker.attend(0, LAYER, torch.zeros(HKV * G, D), torch.zeros(HKV * G, 8, dtype=torch.int32), 32)
@@ -185,3 +190,56 @@ def test_bad_rows():
     with pytest.raises(ValueError, match="capacity"):
         worker.build(0, LAYER, None, None, 16, 32, rows=Rows(CAP - 8, keys[:, 16:32].numpy(),
                                                              values[:, 16:32].numpy(), CAP))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_host_tier_equals_its_float32_conversion(dtype):
+    # views of a bf16/fp16 host tier: the worker keeps a float32 copy, rows [0, hi) converted
+    # at the build, rows offloaded later (written to the tier after it) as attention reaches
+    # them; all equals a worker reading the float32 conversion of the same tier in place
+    keys, values = (x.to(dtype) for x in _host())
+    keys[:, 96:], values[:, 96:] = 0, 0  # not offloaded yet
+    later = [x.to(dtype) for x in _host(seed=9)]
+    f_keys, f_values = keys.float(), values.float()
+    half, r = _worker(4, 8)
+    full, _ = _worker(4, 8)
+    half.build(0, LAYER, keys, values, 16, 96)
+    full.build(0, LAYER, f_keys, f_values, 16, 96)
+    a, b = half.state[(0, LAYER)], full.state[(0, LAYER)]
+    assert a.keys.dtype == np.float32 and (a.keys[:, 96:] == 0).all()  # converted up to hi only
+    for x, y in [(a.mean, b.mean), (a.norms, b.norms), (a.tables.ids, b.tables.ids),
+                 (a.tables.offsets, b.tables.offsets)]:
+        assert np.array_equal(x, y)
+    q = torch.randn(HKV * G, D, generator=torch.Generator().manual_seed(4))
+    codes = simhash_reference(q, r, 4, 8).to(torch.int32)
+    done = 96
+    for hi in (96, 104, 112, 128):  # pages offloaded while decoding, then two at once
+        for tier, f_tier, new in [(keys, f_keys, later[0]), (values, f_values, later[1])]:
+            tier[:, done:hi] = new[:, done:hi]
+            f_tier[:, done:hi] = new[:, done:hi].float()
+        done = hi
+        for want, got in zip(full.attend(0, LAYER, q, codes, hi), half.attend(0, LAYER, q, codes, hi)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert np.array_equal(a.keys[:, :128], f_keys[:, :128].numpy())
+    assert np.array_equal(a.values[:, :128], f_values[:, :128].numpy())
+    assert half.key_counts() == full.key_counts() and half.key_counts()[0] > 0
+    # a rebuild over new views of the same tier reuses the copy, converted already
+    half.build(0, LAYER, keys[:], values[:], 16, 128)
+    full.build(0, LAYER, f_keys, f_values, 16, 128)
+    assert half.state[(0, LAYER)].keys is a.keys and half.sources[(0, LAYER)].converted == 128
+    for want, got in zip(full.attend(0, LAYER, q, codes), half.attend(0, LAYER, q, codes)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    half.release(0)
+    assert not half.copies and not half.sources and not half.state
+
+
+def test_a_float16_array_is_a_half_host_tier():
+    keys, values = (x.half() for x in _host())
+    tensors, r = _worker(4, 8)
+    arrays, _ = _worker(4, 8)
+    tensors.build(0, LAYER, keys, values, 16, 96)
+    arrays.build(0, LAYER, keys.numpy(), values.numpy(), 16, 96)
+    q = torch.randn(HKV * G, D, generator=torch.Generator().manual_seed(4))
+    codes = simhash_reference(q, r, 4, 8).to(torch.int32)
+    for want, got in zip(tensors.attend(0, LAYER, q, codes, 112), arrays.attend(0, LAYER, q, codes, 112)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -1,7 +1,8 @@
 """The ray backend with real actors on a local Ray instance started once for the module:
 results equal the local backend's on the same host tier (the oracle), rows reach the
-actors as the host tier grows, attention does not queue behind a build, a killed or silent
-actor fails the call with a named error and is replaced on the next build; end to end,
+actors as the host tier grows (bfloat16 rows converted by the driver), attention does not
+queue behind a build, a killed or silent actor fails the call with a named error and is
+replaced on the next build; end to end,
 greedy tokens equal the local backend's, and a killed actor fails the request, frees its
 pages and leaves the LLM usable and closable."""
 
@@ -16,7 +17,7 @@ import torch
 from hetero import LLM, SamplingParams
 from hetero.backend import LSHSpec, WorkerError
 from orchestrator.local import LocalBackend
-from orchestrator.ray_backend import RayBackend
+from orchestrator.ray_backend import RayBackend, _rows
 from tests.orchestrator import attend_one
 
 HKV, G, CAP, D, K, L = 2, 2, 128, 8, 0, 2
@@ -95,6 +96,31 @@ def test_results_equal_the_local_backend_as_the_host_tier_grows(backend):
     for seq in (0, 1):
         backend.release(seq)
     assert backend.table_bytes() == {2: 0, 3: 0}
+
+
+def test_a_half_host_tier_is_sent_as_float32_rows(backend):
+    # the driver converts the bfloat16 rows it sends; the local backend's workers convert
+    # theirs: results equal, rows offloaded after the build included
+    k, v = torch.randn(HKV, CAP, D).bfloat16(), torch.randn(HKV, CAP, D).bfloat16()
+    rows = _rows(k, v, 16, 64)
+    assert rows.keys.dtype == rows.values.dtype == np.float32 and rows.capacity == CAP
+    assert np.array_equal(rows.keys, k[:, 16:64].float().numpy())
+    truth = k.clone(), v.clone()
+    k[:, 64:], v[:, 64:] = 0, 0  # not offloaded yet
+    local = LocalBackend(n_threads=1)
+    try:
+        for b in (local, backend):
+            b.start_lsh(_spec())
+            b.submit_build(0, 3, k, v, 16, 64)
+        for hi in (64, 80):
+            k[:, hi - 16:hi], v[:, hi - 16:hi] = truth[0][:, hi - 16:hi], truth[1][:, hi - 16:hi]
+            q = torch.randn(HKV * G, D)
+            want, got = attend_one(local, 0, 3, q, CODES, hi), attend_one(backend, 0, 3, q, CODES, hi)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert backend.key_counts() == local.key_counts()
+    finally:
+        local.close()
+    backend.release(0)
 
 
 def test_layers_are_sharded_over_actors(backend):
