@@ -356,3 +356,20 @@ def test_findings_compare_attention_error_within_the_trained_context_only():
                     row("hetero-quest", 16384, 0.01, beyond), row("hetero-streaming", 16384, 1.0, beyond)]}
     assert fidelity_findings(doc) == [
         "Attention error of quest is 0.25–0.25x that of streaming at the same budget (lower is better)."]
+
+
+def test_offload_prefill_times_every_system_and_offloads_the_over_budget_ones(tmp_path, capsys):
+    from bench import offload_prefill
+
+    out = tmp_path / "op.json"
+    assert offload_prefill.main(["--contexts", "512", "--repeats", "1", "--out", str(out)]) == 0
+    rows = {r["system"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == set(offload_prefill.SYSTEMS)
+    assert not rows["dense in place"]["offloaded"] and rows["dense in place"]["ratio_to_dense_in_place"] == 1
+    for name in ("dense over budget", "quest", "streaming"):
+        r = rows[name]
+        assert r["offloaded"] and r["d2h_bytes"] > 0 and r["h2d_bytes"] == 0  # layer-wise: nothing back
+        assert r["device_kv_bytes_peak"] <= r["device_kv_budget"] and r["ttft_median_s"] > 0
+    assert "× dense in place" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        offload_prefill.main(["--contexts", "512", "1024", "--repeats", "1", "2", "3"])
