@@ -63,6 +63,19 @@ def default_kv_budget(device: torch.device) -> int:
     return psutil.virtual_memory().total // 4
 
 
+def check_kv_budget(budget: int, device: torch.device) -> None:
+    """Raise ValueError if the device (a GPU's memory, or the host RAM for the CPU) could
+    never hold ``budget`` bytes of KV."""
+    if device.type == "cuda":
+        total, where = torch.cuda.get_device_properties(device).total_memory, f"{device} has"
+    else:
+        total, where = psutil.virtual_memory().total, "this machine has"
+    if budget > total:
+        raise ValueError(f"device_kv_budget {format_size(budget)} is more than the "
+                         f"{format_size(total)} of memory {where}: give a smaller budget, e.g. "
+                         f"{format_size(total // 4)}, or leave it unset for a default share")
+
+
 @dataclass(slots=True)
 class Traffic:
     """Bytes moved between host and device (cumulative)."""

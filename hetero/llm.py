@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -12,7 +13,7 @@ import torch
 
 from hetero.backend import CPUBackend
 from hetero.cache import KVStore, OutOfPages
-from hetero.device import Device, default_kv_budget, format_size, parse_size, resolve_device
+from hetero.device import Device, check_kv_budget, default_kv_budget, format_size, parse_size, resolve_device
 from hetero.engine import Engine
 from hetero.loader import load_checkpoint
 from hetero.model import Transformer
@@ -85,14 +86,26 @@ class LLM:
         backend: str = "local",
         ray_address: str | None = None,
     ):
+        self._closed = True  # until construction succeeds
+        # everything that needs no model is checked before the model loads
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         if ray_address is not None and backend != "ray":
             raise ValueError(f"ray_address is for backend='ray', not {backend!r}")
+        _check_int("page_size", page_size, 1)
+        if page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        if prefill_chunk is not None:
+            _check_int("prefill_chunk", prefill_chunk, page_size)
+        if max_model_len is not None:
+            _check_int("max_model_len", max_model_len, 2)
+        if policy_params is not None and not isinstance(policy_params, dict):
+            raise TypeError(f"policy_params must be a dict, got {type(policy_params).__name__}")
         self.policy = make_policy(policy, **(policy_params or {}))
         dev = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, dev)
         budget = default_kv_budget(dev) if device_kv_budget is None else parse_size(device_kv_budget)
+        check_kv_budget(budget, dev)
         ckpt = load_checkpoint(model, self.dtype)
         self.config, self.tokenizer, self.model_name = ckpt.config, ckpt.tokenizer, ckpt.name
         with torch.device("meta"):
@@ -101,7 +114,7 @@ class LLM:
         net.load_hf_state_dict(ckpt.state_dict)
         self.model = net.eval().requires_grad_(False)
         trained = self.config.max_position_embeddings
-        self.max_model_len = max_model_len or trained
+        self.max_model_len = trained if max_model_len is None else max_model_len
         if self.max_model_len > trained:
             logger.warning(
                 "max_model_len %d exceeds the %d tokens %s was trained on: quality may drop",
@@ -123,6 +136,7 @@ class LLM:
         self._ids = itertools.count()
         self._snap_start = self._snap_decode = self._snapshot()
         self._decoded = 0
+        self._closed = False
 
     # -- public API ----------------------------------------------------------------------
 
@@ -137,26 +151,34 @@ class LLM:
 
         A prompt is text, or a list of token ids used as they are.
         """
-        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
-        reqs = self._admit([prompts] if single else prompts, params, chat)
-        for _ in self._run(reqs, progress):
-            pass
-        return [self._finish(r) for r in reqs]
+        reqs = self._admit(_prompt_list(prompts), params, chat)
+        try:
+            for _ in self._run(reqs, progress):
+                pass
+            return [self._finish(r) for r in reqs]
+        finally:  # on any exit: an error, Ctrl-C
+            self._release(reqs)
 
     def stream(
         self, prompt: str, params: SamplingParams | None = None, chat: bool = False
     ) -> Iterator[str]:
-        """Yield the text of one prompt's generation piece by piece as it is decoded."""
+        """Yield the text of one prompt's generation piece by piece as it is decoded.
+
+        The request is admitted (and checked) at the first ``next``; its pages are freed
+        when it ends, fails, or the generator is closed or dropped."""
         (req,) = self._admit([prompt], params, chat)
-        for _ in self._run([req], progress=False):
-            if piece := req.detok.delta():
+        try:
+            for _ in self._run([req], progress=False):
+                if piece := req.detok.delta():
+                    yield piece
+            if piece := req.detok.delta(final=True):
                 yield piece
-        if piece := req.detok.delta(final=True):
-            yield piece
-        self._finish(req)
+        finally:  # also on GeneratorExit: close() or garbage collection
+            self._release([req])
 
     def logprobs(self, text: str) -> LogprobsOutput:
         """Per-token log-probabilities of ``text`` under the model (for perplexity)."""
+        self._check_open()
         ids = self._encode(text, chat=False)
         if len(ids) < 2:
             raise ValueError("logprobs needs a text of at least two tokens")
@@ -176,6 +198,11 @@ class LLM:
                 "lsh_table_bytes_per_layer": lsh}
 
     def close(self) -> None:
+        """Free every sequence and the CPU workers; the LLM refuses work afterwards. Closing
+        twice is a no-op."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             for seq in list(self.store.tables):
                 self.engine.release(seq)
@@ -190,24 +217,31 @@ class LLM:
 
     # -- internals -----------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this LLM is closed: create a new one")
+
     def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and prompt and all(_is_index(t) for t in prompt):
             if chat:
                 raise ValueError("chat=True needs a text prompt, not token ids")
-            if not all(0 <= t < self.config.vocab_size for t in prompt):
+            ids = [int(t) for t in prompt]
+            if not all(0 <= t < self.config.vocab_size for t in ids):
                 raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-            ids = list(prompt)
         elif not isinstance(prompt, str) or not prompt:
-            raise ValueError("prompt must be a non-empty string (or a list of token ids)")
-        elif chat:
-            if not self.tokenizer.chat_template:
-                raise ValueError(f"{self.model_name} has no chat template: call without chat")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            raise ValueError(f"a prompt must be a non-empty string or a list of token ids, got "
+                             f"{_describe(prompt)}")
         else:
-            ids = self.tokenizer(prompt)["input_ids"]
+            self._check_length(prompt)
+            if chat:
+                if not self.tokenizer.chat_template:
+                    raise ValueError(f"{self.model_name} has no chat template: call without chat")
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+                )
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = self.tokenizer(prompt)["input_ids"]
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens, the context limit is {self.max_model_len}: "
@@ -215,14 +249,37 @@ class LLM:
             )
         return ids
 
-    def _admit(self, prompts: list[str], params: SamplingParams | None, chat: bool):
-        """Tokenize and reserve KV for every prompt, or raise leaving no state behind."""
-        params = params or SamplingParams()
+    def _check_length(self, text: str) -> None:
+        """Raise before tokenising all of a text far longer than the context: its pieces are
+        counted one by one, stopping as soon as they are too many (a split can add at most
+        one token per piece, which the count allows for)."""
+        piece = 16 * self.max_model_len  # characters: tokens are rarely longer than 16
+        if len(text) <= 2 * piece:
+            return
+        n = 0
+        for i, start in enumerate(range(0, len(text), piece)):
+            n += len(self.tokenizer(text[start : start + piece], add_special_tokens=False)["input_ids"])
+            if n - i >= self.max_model_len:
+                raise ValueError(
+                    f"prompt has more than {self.max_model_len} tokens (counted up to character "
+                    f"{start + piece} of {len(text)}), the context limit is {self.max_model_len}: "
+                    f"shorten it or pass a larger max_model_len"
+                )
+
+    def _admit(self, prompts: list, params: SamplingParams | None, chat: bool) -> list[_Request]:
+        """Check and tokenise every prompt, then reserve KV for each: everything about a
+        request is checked before a page is taken, and on any failure the pages taken so far
+        are freed."""
+        self._check_open()
+        params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(chat, bool):
+            raise TypeError(f"chat must be True or False, got {chat!r}")
         if not prompts:
             raise ValueError("no prompts given")
         encoded = [self._encode(p, chat) for p in prompts]
+        generators = [make_generator(params, self.device.device) for _ in encoded]
         self.store.allocator.peak_used = self.store.allocator.n_used
         self._snap_start = self._snapshot()
         # a batch whose offloading prompts cannot each hold a layer's whole KV while they
@@ -230,21 +287,25 @@ class LLM:
         for whole_layers in (True, False):
             reqs, committed, transient = [], 0, 0
             try:
-                for ids in encoded:
+                for ids, generator in zip(encoded, generators):
                     cap = min(params.max_new_tokens, self.max_model_len - len(ids))
                     seq, need, extra = self._place(len(ids) + cap, committed, transient,
                                                    len(reqs) + 1, whole_layers)
+                    reqs.append(_Request(seq, ids, params, cap, Detokenizer(self.tokenizer, params.stop),
+                                         generator, time.perf_counter(), []))
                     committed, transient = committed + need, max(transient, extra)
-                    reqs.append(
-                        _Request(seq, ids, params, cap, Detokenizer(self.tokenizer, params.stop),
-                                 make_generator(params, self.device.device), time.perf_counter(), [])
-                    )
                 return reqs
-            except ValueError as e:
-                for r in reqs:
-                    self.engine.release(r.seq_id)
+            except BaseException as e:
+                self._release(reqs)
                 if not (whole_layers and isinstance(e, OutOfPages) and len(encoded) > 1):
                     raise
+
+    def _release(self, reqs: list[_Request]) -> None:
+        """Free the pages (and the policy's state) of every request still holding them: the
+        one release path, run on every exit."""
+        for r in reqs:
+            if r.seq_id in self.store.tables:
+                self.engine.release(r.seq_id)
 
     def _place(self, n: int, committed: int = 0, transient: int = 0, n_seqs: int = 1,
                whole_layers: bool = True) -> tuple[int, int, int]:
@@ -310,12 +371,9 @@ class LLM:
                     self._accept(r, sample(row, r.params, r.generator))
                 yield
                 live = [r for r in live if r.finish_reason is None]
-        finally:
+        finally:  # the caller frees the requests' pages (LLM._release)
             if bar is not None:
                 bar.close()
-            for r in reqs:
-                if r.finish_reason is None:  # interrupted: free its pages all the same
-                    self.engine.release(r.seq_id)
 
     def _accept(self, r: _Request, token: int) -> None:
         if not r.output_ids:
@@ -340,7 +398,7 @@ class LLM:
     def _finish(self, r: _Request) -> Output:
         mem = self.store.memory_report()
         lsh_bytes = sum(self.backend.table_bytes(r.seq_id).values())
-        self.engine.release(r.seq_id)
+        self._release([r])
         now = self._snapshot()
         h2d, d2h = (a - b for a, b in zip(now[:2], self._snap_start[:2]))
         h2d_dec, d2h_dec, hits, misses = (a - b for a, b in zip(now, self._snap_decode))
@@ -362,6 +420,33 @@ class LLM:
             lsh_table_bytes=lsh_bytes,
         )
         return Output(r.detok.text, r.output_ids, r.finish_reason, stats)
+
+
+def _check_int(name: str, value, least: int) -> None:
+    if not _is_index(value) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _is_index(x) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _describe(x) -> str:
+    return repr(x) if isinstance(x, str) else f"{type(x).__name__} {str(x)[:40]!r}"
+
+
+def _prompt_list(prompts) -> list:
+    """``generate``'s prompts as a list: one text, one list of token ids, or a list of
+    those."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if prompts and _is_index(prompts[0]):
+            return [prompts]
+        return list(prompts)
+    raise TypeError(f"prompts must be a string, a list of token ids, or a list of those, got "
+                    f"{type(prompts).__name__}")
 
 
 def _make_backend(name: str, ray_address: str | None) -> CPUBackend:

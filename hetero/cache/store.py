@@ -66,7 +66,7 @@ class KVStore:
         self.budget = budget
         self.allocator = PageAllocator(n_pages)
         self.grows = device.is_cuda if grow is None else grow
-        self._set_pool(device.empty(self._pool_shape(0 if self.grows else n_pages), dtype))
+        self._set_pool(self._new_pool(0 if self.grows else n_pages))
         self.tables: dict[int, SeqPages] = {}
         self.host: dict[int, Tensor] = {}  # [L, 2, Hkv, capacity, D] per offloading sequence
         self.cache_hits = self.cache_misses = 0
@@ -292,11 +292,18 @@ class KVStore:
         rarely; at most the budget's), keeping what the pages in use hold."""
         n_pages = min(self.allocator.n_pages, max(n_pages, self.n_pool_pages * 5 // 4))
         old, used = self.kv, self.kv.shape[2]
-        self._set_pool(self.device.empty(self._pool_shape(n_pages), self.dtype))
+        self._set_pool(self._new_pool(n_pages))
         self.kv[:, :, :used] = old
 
-    def _pool_shape(self, n_pages: int) -> tuple[int, int, int, int]:
-        return (2, self.cfg.n_kv_heads, n_pages * self.page_size, self.cfg.head_dim)
+    def _new_pool(self, n_pages: int) -> Tensor:
+        shape = (2, self.cfg.n_kv_heads, n_pages * self.page_size, self.cfg.head_dim)
+        try:
+            return self.device.empty(shape, self.dtype)
+        except (RuntimeError, MemoryError) as e:  # torch.cuda.OutOfMemoryError included
+            raise ValueError(
+                f"cannot allocate {format_size(n_pages * self.page_bytes)} of device memory for "
+                f"the KV pool ({type(e).__name__}): lower device_kv_budget"
+            ) from None
 
     def _set_pool(self, kv: Tensor) -> None:
         self.kv = kv

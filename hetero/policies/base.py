@@ -56,8 +56,9 @@ class Policy(ABC):
 
     def __post_init__(self):
         for field in ("n_sink", "n_local", "dense_layers", "stream_pages"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
-                raise ValueError(f"{self.name}: {field} must be an integer >= 0")
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{self.name}: {field} must be an integer >= 0, got {value!r}")
         if self.n_local < 1:
             raise ValueError(f"{self.name}: n_local must be >= 1 (the new token's page is local)")
         if self.stream_pages < 1:

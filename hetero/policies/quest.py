@@ -25,6 +25,8 @@ class QuestPolicy(Policy):
 
     def __post_init__(self):
         Policy.__post_init__(self)
+        if not isinstance(self.token_budget, int) or isinstance(self.token_budget, bool):
+            raise ValueError(f"quest: token_budget must be an integer, got {self.token_budget!r}")
         if self.token_budget < self.n_sink + self.n_local:
             raise ValueError(
                 f"quest: token_budget {self.token_budget} is below n_sink + n_local "
