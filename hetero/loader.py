@@ -4,20 +4,34 @@ A GGUF file is converted once into an HF-style directory in the user cache (floa
 safetensors, ``config.json``, tokenizer files); every later load reads that directory, which
 takes seconds where dequantising takes tens of them. ``hf_reference_dir`` hands the same
 directory to HF transformers, so references load identical weights.
+
+The cache (``$HETERO_CACHE_DIR/gguf``, default ``~/.cache/hetero/gguf``) holds::
+
+    <stem>-<fingerprint>-v<N>/            an entry: the HF files and hetero_entry.json, its
+                                          manifest (sizes and checksums, the source's identity)
+    .tmp~<host>~<pid>~<token>~<entry>/    a conversion in progress (or a damaged entry moved
+                                          aside): removed by any load once its owner is gone
+
+A conversion writes a temporary directory and renames it into place, so an entry is complete
+or absent; a load that finds a complete entry writes nothing, so a read-only cache works.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -30,10 +44,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Bump when the conversion changes what it writes: old cache entries are then ignored.
-CONVERTER_VERSION = 1
+# Bump when the conversion changes what it writes: older entries are then removed.
+# 2: the manifest inside the entry replaced v1's hash stamps beside it.
+CONVERTER_VERSION = 2
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_MANIFEST = "hetero_entry.json"
+_TEMP_PREFIX = ".tmp~"
+_SAMPLE_BYTES = 1 << 20  # hashed at each end of a file for its fingerprint
+_FOREIGN_TEMP_AGE_S = 24 * 3600  # another host's temporaries: its PIDs cannot be checked here
 
 # GGUF architecture -> (HF model_type, HF class name, llama.cpp permuted q/k rows for RoPE).
 # llama.cpp writes Mistral models as "llama"; they load as Llama (no sliding window).
@@ -90,24 +109,26 @@ def load_checkpoint(
 
     ``path=None`` loads the embedded default model. GGUF files are converted once into the
     user cache (``$HETERO_CACHE_DIR``, else ``~/.cache/hetero``). Raises ``ValueError``
-    naming the path when it cannot be loaded.
+    naming the file when it cannot be loaded, ``OSError`` when the cache cannot be written.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     source = default_model_path() if path is None else os.path.expanduser(os.fspath(path))
     hf_dir = Path(hf_reference_dir(source))
-    with open(hf_dir / "config.json") as f:
-        raw_config = json.load(f)
-    config = ModelConfig.from_hf(raw_config)
+    if Path(source).is_dir():
+        fix = "re-download it"
+    else:  # a damage the manifest's checks cannot see (they sample the big files)
+        fix = f"delete the cache entry {hf_dir} (rm -r) to have it rebuilt from {source}"
+    raw_config, config = _read_config(hf_dir, fix)
     window = raw_config.get("sliding_window")
     if window and (raw_config["model_type"] == "mistral" or raw_config.get("use_sliding_window")):
         logger.warning(
             "%s: sliding_window=%s is ignored; hetero attends over the whole context, as the "
             "model does on sequences shorter than the window", hf_dir, window
         )
-    state_dict = {k: t.to(dtype) for k, t in _read_weights(hf_dir).items()}
+    state_dict = {k: t.to(dtype) for k, t in _read_weights(hf_dir, fix).items()}
     name = Path(source).stem if Path(source).is_file() else Path(source).resolve().name
-    return Checkpoint(config, state_dict, _read_tokenizer(hf_dir), source, name)
+    return Checkpoint(config, state_dict, _read_tokenizer(hf_dir, fix), source, name)
 
 
 def hf_reference_dir(path: str | os.PathLike | None) -> str:
@@ -140,16 +161,46 @@ def hf_reference_dir(path: str | os.PathLike | None) -> str:
     return str(_cached_gguf_dir(p))
 
 
+def _short(e: BaseException) -> str:
+    """One line of an exception from a parser (tokenizers' and numpy's can run long)."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 # ---- HF directories --------------------------------------------------------------------------
 
 
-def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
+def _read_config(hf_dir: Path, fix: str) -> tuple[dict, ModelConfig]:
+    path = hf_dir / "config.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({_short(e)}): {fix}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object: {fix}")
+    try:
+        return raw, ModelConfig.from_hf(raw)
+    except KeyError as e:
+        raise ValueError(f"{path} lacks {e.args[0]!r}, which hetero needs: {fix}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _read_weights(hf_dir: Path, fix: str) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is damaged (no readable weight_map: {e}): {fix}") from None
+        missing = [name for name in files if not (hf_dir / name).is_file()]
+        if missing:
+            raise ValueError(f"{hf_dir / missing[0]}: missing, though {index.name} lists it: {fix}")
     else:
         files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
     if not files:
@@ -161,25 +212,38 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
         )
     state_dict: dict[str, Tensor] = {}
     for name in files:
-        state_dict.update(load_file(hf_dir / name))
+        try:
+            state_dict.update(load_file(hf_dir / name))
+        except SafetensorError as e:
+            raise ValueError(
+                f"{hf_dir / name} is truncated or not a safetensors file ({_short(e)}): {fix}"
+            ) from None
     return state_dict
 
 
-def _read_tokenizer(hf_dir: Path) -> PreTrainedTokenizerFast:
+def _read_tokenizer(hf_dir: Path, fix: str) -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if not any((hf_dir / n).is_file() for n in _TOKENIZER_FILES):
+    present = [n for n in _TOKENIZER_FILES if (hf_dir / n).is_file()]
+    if not present:
         raise ValueError(
             f"{hf_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
             "save the model's tokenizer into the directory with tokenizer.save_pretrained(dir)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    except ImportError:  # a missing optional package (sentencepiece): its message says which
+        raise
+    except Exception as e:  # tokenizers raises bare Exception for a damaged tokenizer.json
+        raise ValueError(
+            f"{hf_dir}: the tokenizer ({', '.join(present)}) does not load ({_short(e)}): {fix}"
+        ) from None
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ValueError(f"{hf_dir}: tokenizer is not a fast tokenizer; add a tokenizer.json")
     return tokenizer
 
 
-# ---- GGUF conversion -------------------------------------------------------------------------
+# ---- the converted-model cache ---------------------------------------------------------------
 
 
 def _cache_root() -> Path:
@@ -190,62 +254,215 @@ def _cache_root() -> Path:
     return Path(root) / "gguf"
 
 
-def _file_sha256(path: Path, root: Path) -> str:
-    """sha256 of the file, remembered per (path, size, mtime) so later loads skip hashing."""
-    st = path.stat()
-    path_hash = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
-    stamp = root / "stamps" / f"{path_hash}.json"
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    try:
-        saved = json.loads(stamp.read_text())
-        if {k: saved.get(k) for k in key} == key:
-            return saved["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass
+def _sample_digest(path: Path, size: int) -> str:
+    """sha256 of the size and the first and last MiB: catches truncation and rewrites cheaply."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_SAMPLE_BYTES))
+        if size > _SAMPLE_BYTES:
+            f.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**key, "sha256": h.hexdigest(), "path": str(path.resolve())}))
-    os.replace(tmp, stamp)
     return h.hexdigest()
 
 
 def _cached_gguf_dir(gguf_path: Path) -> Path:
-    """The cache directory for ``gguf_path``, converting the file first if it is not there."""
+    """The cache entry for ``gguf_path``, converting the file first if it is absent or damaged."""
     root = _cache_root()
-    key = f"{gguf_path.stem}-{_file_sha256(gguf_path, root)[:16]}-v{CONVERTER_VERSION}"
-    final = root / key
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    logger.info("converting %s to %s, once", gguf_path, final)
-    # Build in a temporary directory and rename: a crash never leaves a half-written entry.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    st = gguf_path.stat()
+    key = f"{gguf_path.stem}-{_sample_digest(gguf_path, st.st_size)[:16]}-v{CONVERTER_VERSION}"
+    entry = root / key
+    _remove_leftovers(root)
+    exists = entry.is_dir()
+    damage = _entry_damage(entry, gguf_path, st) if exists else None
+    if exists and damage is None:
+        return entry  # a hit: nothing is written
+    if damage:
+        logger.warning("%s: %s; converting %s into it again", entry, damage, gguf_path)
+    else:
+        logger.info("converting %s to %s, once", gguf_path, entry)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = _owned_temp_path(root, key)
+        tmp.mkdir()
+    except OSError as e:
+        raise _cache_error(e, entry, damage) from None
     try:
         convert_gguf(gguf_path, tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first; its entry is as good as ours
-            if not (final / "config.json").is_file():
-                raise
+        _write_manifest(tmp, gguf_path, st)
+        _publish(tmp, entry, lambda: _entry_damage(entry, gguf_path, st) is None)
+    except OSError as e:
+        raise _cache_error(e, entry, damage) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return entry
+
+
+def _cache_error(e: OSError, entry: Path, damage: str | None) -> OSError:
+    """``e`` as a one-line error that says which cache failed and how to use another one."""
+    if damage:
+        what = f"the cache entry {entry} is damaged ({damage}) and cannot be rebuilt"
+        fix = f"delete {entry} (rm -r) or set HETERO_CACHE_DIR to another directory"
+    else:
+        what = f"cannot write the converted model into the cache {entry.parent}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free space there, or set HETERO_CACHE_DIR to a directory with room"
+        else:
+            fix = "set HETERO_CACHE_DIR to a writable directory"
+    message = f"{what}: {e.strerror or e}; {fix} (e.g. HETERO_CACHE_DIR=/tmp/hetero-cache)"
+    return OSError(e.errno, message) if e.errno else OSError(message)
+
+
+def _write_manifest(entry_dir: Path, gguf_path: Path, st: os.stat_result) -> None:
+    """Record, inside the entry, what a load checks: each file's size and sampled checksum,
+    and the source's identity. Written last, once: a load never writes to the cache."""
+    files = {}
+    for p in sorted(entry_dir.iterdir()):
+        size = p.stat().st_size
+        files[p.name] = {"size": size, "sample_sha256": _sample_digest(p, size)}
+    source = {
+        "path": str(gguf_path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": _file_sha256(gguf_path),
+    }
+    manifest = {"converter_version": CONVERTER_VERSION, "source": source, "files": files}
+    with open(entry_dir / _MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+
+
+def _entry_damage(entry: Path, gguf_path: Path, st: os.stat_result) -> str | None:
+    """What is wrong with the existing ``entry`` as a conversion of ``gguf_path``, or None."""
+    try:
+        with open(entry / _MANIFEST, encoding="utf-8") as f:
+            manifest = json.load(f)
+        version, source = manifest["converter_version"], manifest["source"]
+        files = {n: (int(w["size"]), w["sample_sha256"]) for n, w in manifest["files"].items()}
+        size, mtime_ns, sha256 = (source[k] for k in ("size", "mtime_ns", "sha256"))
+    except FileNotFoundError:
+        return f"it has no {_MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"its {_MANIFEST} is unreadable ({type(e).__name__}: {_short(e)})"
+    if version != CONVERTER_VERSION or not {"config.json", "model.safetensors"} <= set(files):
+        return f"its {_MANIFEST} does not describe a converter v{CONVERTER_VERSION} entry"
+    for name, (want_size, want_digest) in files.items():
+        try:
+            got = (entry / name).stat().st_size
+            if got != want_size:
+                return f"{name} has {got} bytes, not {want_size}"
+            if _sample_digest(entry / name, got) != want_digest:
+                return f"{name} does not match its checksum"
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as e:
+            return f"{name} is unreadable ({e.strerror})"
+    if (size, mtime_ns) != (st.st_size, st.st_mtime_ns):
+        # a copy, or a touched file, with the same fingerprint: its content decides
+        logger.info("%s: not the file %s was converted from; comparing sha256", gguf_path, entry)
+        if _file_sha256(gguf_path) != sha256:
+            return f"it was converted from {source.get('path')}, a different file"
+    return None
+
+
+def _publish(tmp: Path, entry: Path, entry_is_good: Callable[[], bool]) -> None:
+    """Rename the finished ``tmp`` to ``entry`` (atomic), moving a damaged ``entry`` aside."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, entry)  # fails while entry exists and is not empty
+            return
+        except OSError:
+            if not entry.exists():
+                raise
+        if entry_is_good():  # another process published first; its entry is as good as ours
+            return
+        aside = _owned_temp_path(entry.parent, entry.name)  # swept if we die holding it
+        try:
+            os.rename(entry, aside)
+        except FileNotFoundError:  # another process moved it aside
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+    raise OSError(errno.EBUSY, f"{entry}: other processes keep replacing this cache entry")
+
+
+def _owned_temp_path(root: Path, key: str) -> Path:
+    host = socket.gethostname().replace("~", "-")
+    return root / f"{_TEMP_PREFIX}{host}~{os.getpid()}~{secrets.token_hex(4)}~{key}"
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Remove dead conversions' temporaries and older converters' files (best effort: a
+    read-only cache keeps them, and a cache without any writes nothing)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        path = root / name
+        if path.is_dir() and not path.is_symlink() and _is_leftover(path):
+            logger.info("removing %s, left by an interrupted or older conversion", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_leftover(path: Path) -> bool:
+    name = path.name
+    if name.startswith(_TEMP_PREFIX):
+        parts = name.split("~", 4)
+        if len(parts) != 5 or not parts[2].isdigit() or int(parts[2]) <= 0:
+            return False  # not one of ours
+        if parts[1] == socket.gethostname().replace("~", "-"):
+            return not _pid_alive(int(parts[2]))
+        try:
+            return time.time() - path.stat().st_mtime > _FOREIGN_TEMP_AGE_S
+        except OSError:
+            return False
+    if name == "stamps":  # converter v1's sha256 memo
+        return True
+    # an entry, or a v1 temporary (mkdtemp's ".<entry>.XXXXXXXX"), of an older converter
+    match = re.fullmatch(r"\.?.+-[0-9a-f]{16}-v(\d+)(\.\w{8})?", name)
+    return match is not None and int(match[1]) < CONVERTER_VERSION
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+# ---- GGUF conversion -------------------------------------------------------------------------
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Write ``config.json``, ``model.safetensors`` (float32) and tokenizer files to ``out_dir``."""
+    """Write ``config.json``, ``model.safetensors`` (float32) and tokenizer files to ``out_dir``.
+
+    Raises ``ValueError`` naming ``gguf_path`` when it is damaged or unsupported, ``OSError``
+    when ``out_dir`` cannot be written.
+    """
     import gguf
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    reader = gguf.GGUFReader(gguf_path)
-    # the vocabulary and merges are left to the tokenizer conversion (they are slow to parse)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml")}
+    damaged = f"{gguf_path} is truncated or damaged"
+    try:  # the reader maps every tensor: a short file fails here, in a numpy reshape
+        reader = gguf.GGUFReader(gguf_path)
+        # the vocabulary and merges are left to the tokenizer conversion (slow to parse)
+        meta = {
+            k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml")
+        }
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as e:
+        raise ValueError(f"{damaged} ({_short(e)}): re-download it") from None
     arch = meta.get("general.architecture")
     if arch not in _GGUF_ARCHS:
         raise ValueError(
@@ -261,25 +478,49 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
     for t in reader.tensors:
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
         except NotImplementedError:
             raise ValueError(
                 f"{gguf_path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot "
                 "dequantise; use a file with F32/F16/BF16, Q4_0..Q8_0, K- or IQ-quants"
             ) from None
-        w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"{damaged} (tensor {t.name}: {_short(e)}): re-download it") from None
         if permuted and (".attn_q." in t.name or ".attn_k." in t.name):
             w = _unpermute_rope_rows(w, n_heads if ".attn_q." in t.name else n_kv_heads)
         # np.array copies: F32 tensors are read-only views of the memory-mapped file.
         tensors[_hf_tensor_name(gguf_path, t.name)] = torch.from_numpy(np.array(w))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except ImportError:  # a missing optional package: its message says which
+        raise
+    except Exception as e:  # transformers' GGUF tokenizer conversion raises assorted types
+        raise ValueError(
+            f"{gguf_path}: its tokenizer does not convert ({_short(e)}); "
+            "re-download the file, or use the model's HF directory"
+        ) from None
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    with open(out_dir / "config.json", "w") as f:
+    weights = out_dir / "model.safetensors"
+    try:
+        save_file(tensors, weights, metadata={"format": "pt"})
+    except SafetensorError as e:  # its write errors (a full disk) are not OSErrors
+        raise _as_os_error(e, weights) from None
+    with open(out_dir / "config.json", "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # safetensors writes 0600 (a private temporary file renamed): give the weights the umask's
+    # mode, as config.json has, so that other users can read a shared cache
+    os.chmod(weights, (out_dir / "config.json").stat().st_mode & 0o777)
     tokenizer.save_pretrained(out_dir)
-    with open(out_dir / "hetero_source.json", "w") as f:
-        json.dump({"gguf": str(gguf_path.resolve()), "converter_version": CONVERTER_VERSION}, f)
+
+
+def _as_os_error(e: Exception, path: Path) -> OSError:
+    """A Rust I/O error (``... I/O error: No space left on device (os error 28)``) as the
+    ``OSError`` it reports."""
+    match = re.search(r"\(os error (\d+)\)", str(e))
+    if match is None:
+        return OSError(errno.EIO, _short(e), str(path))
+    return OSError(int(match[1]), os.strerror(int(match[1])), str(path))
 
 
 def _gguf_config(path: Path, arch: str, meta: dict, reader, tensor_names: set[str]) -> dict:

@@ -5,9 +5,19 @@ llama.cpp writes them (its q/k row permutation, F32 or Q8_0 tensors), and on the
 SmolLM2 file against transformers' own GGUF reading.
 """
 
+import errno
+import hashlib
 import json
+import logging
 import os
 import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
 
 import gguf
 import numpy as np
@@ -177,7 +187,7 @@ def test_unsupported_gguf_architecture(tmp_path, isolated_cache):
     writer.close()
     with pytest.raises(ValueError, match=r"m.gguf: unsupported GGUF architecture 'gpt2'"):
         load_checkpoint(tmp_path / "m.gguf", torch.float32)
-    assert [p.name for p in isolated_cache.iterdir()] == ["stamps"]  # nothing half-written
+    assert list(isolated_cache.iterdir()) == []  # nothing half-written
 
 
 def test_unsupported_tensor_type(tmp_path, tiny_tokenizer, isolated_cache):
@@ -196,6 +206,77 @@ def test_missing_default_package(monkeypatch):
 def test_dtype_must_be_floating(tmp_path):
     with pytest.raises(TypeError, match=r"floating torch.dtype"):
         load_checkpoint(tmp_path, torch.int8)
+
+
+# ---- damaged files: one-line errors that name the file -----------------------------------------
+
+
+@pytest.fixture
+def hf_dir(tmp_path, tiny_tokenizer):
+    path = tmp_path / "tiny-hf"
+    tiny_hf_model().save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def cut(path, keep):
+    """Truncate ``path`` to ``keep`` bytes, or to that fraction of them."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+
+
+def check_damage(hf_dir, damage):
+    weights, config = hf_dir / "model.safetensors", hf_dir / "config.json"
+    if damage == "weights cut short":
+        cut(weights, 0.5)
+    elif damage == "weights cut in the header":
+        cut(weights, 20)
+    elif damage == "weights empty":
+        cut(weights, 0)
+    elif damage == "weights not safetensors":
+        weights.write_bytes(b"<html>rate limited</html>")
+    elif damage == "config not JSON":
+        cut(config, 0.5)
+    elif damage == "config lacks a key":
+        raw = json.loads(config.read_text())
+        del raw["num_attention_heads"]
+        config.write_text(json.dumps(raw))
+    elif damage == "tokenizer cut short":
+        cut(hf_dir / "tokenizer.json", 0.5)
+    elif damage == "shard missing":
+        index = {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("weights cut short", r"model\.safetensors is truncated or not a safetensors file \("),
+        ("weights cut in the header", r"model\.safetensors is truncated or not a safetensors"),
+        ("weights empty", r"model\.safetensors is truncated or not a safetensors file"),
+        ("weights not safetensors", r"model\.safetensors is truncated or not a safetensors"),
+        ("config not JSON", r"config\.json is not valid JSON \("),
+        ("config lacks a key", r"config\.json lacks 'num_attention_heads', which hetero needs"),
+        ("tokenizer cut short", r": the tokenizer \(tokenizer\.json, tokenizer_config\.json\) "
+         r"does not load \("),
+        ("shard missing", r"model-00002-of-00002\.safetensors: missing, though "
+         r"model\.safetensors\.index\.json lists it"),
+    ],
+)
+def test_damaged_hf_directory(hf_dir, damage, match):
+    check_damage(hf_dir, damage)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(hf_dir))}/?{match}.*re-download it$"):
+        load_checkpoint(hf_dir, torch.float32)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.05, 64, 8], ids=lambda k: f"keep-{k}")
+def test_truncated_gguf(keep, tmp_path, tiny_tokenizer, isolated_cache):
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
+    cut(path, keep)
+    match = rf"^{re.escape(str(path))} is truncated or damaged \(.+\): re-download it$"
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(path, torch.float32)
+    assert list(isolated_cache.iterdir()) == []  # no entry, no temporary
 
 
 # ---- HF directories ----------------------------------------------------------------------------
@@ -265,7 +346,7 @@ def test_gguf_round_trip(family, quant, tmp_path, tiny_tokenizer, isolated_cache
 def test_gguf_cache_is_reused(tmp_path, tiny_tokenizer, isolated_cache, monkeypatch):
     path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
     first = load_checkpoint(path, torch.float32)
-    (entry,) = [p for p in isolated_cache.iterdir() if p.name != "stamps"]
+    (entry,) = isolated_cache.iterdir()
     mtime = (entry / "model.safetensors").stat().st_mtime_ns
 
     def must_not_convert(*args):
@@ -274,6 +355,13 @@ def test_gguf_cache_is_reused(tmp_path, tiny_tokenizer, isolated_cache, monkeypa
     monkeypatch.setattr(loader, "convert_gguf", must_not_convert)
     second = load_checkpoint(path, torch.float32)
     assert (entry / "model.safetensors").stat().st_mtime_ns == mtime
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [entry, *entry.iterdir()]}
+    # the umask's modes, so that other users can read a shared cache: not mkdtemp's 0700
+    # for the entry nor safetensors' 0600 for the weights
+    assert modes.pop(entry.name) == 0o777 & ~umask
+    assert set(modes.values()) == {0o666 & ~umask}, modes
     assert all(torch.equal(second.state_dict[k], t) for k, t in first.state_dict.items())
     assert hf_reference_dir(path) == str(entry)
 
@@ -285,7 +373,7 @@ def test_changed_gguf_is_converted_again(tmp_path, tiny_tokenizer, isolated_cach
     write_gguf(path, tiny_hf_model(rms_norm_eps=1e-5), tiny_tokenizer)
     os.utime(path, ns=(1, 1))  # a new mtime, as any rewrite gives
     assert load_checkpoint(path, torch.float32).config.rms_norm_eps == 1e-5
-    assert len([p for p in isolated_cache.iterdir() if p.name != "stamps"]) == 2
+    assert len(list(isolated_cache.iterdir())) == 2
 
 
 def test_crash_during_conversion_leaves_no_cache(
@@ -301,9 +389,247 @@ def test_crash_during_conversion_leaves_no_cache(
     monkeypatch.setattr(loader, "convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
         load_checkpoint(path, torch.float32)
-    assert [p.name for p in isolated_cache.iterdir()] == ["stamps"]
+    assert list(isolated_cache.iterdir()) == []
     monkeypatch.setattr(loader, "convert_gguf", real_convert)
     assert load_checkpoint(path, torch.float32).config.n_layers == 2
+
+
+def cache_snapshot(root):
+    """Every path under ``root``: mode, mtime (a directory's changes when a file is created or
+    removed in it), size and, for files, the content's sha256."""
+    snapshot = {}
+    for p in [root, *root.rglob("*")]:
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+        snapshot[str(p.relative_to(root))] = (st.st_mode, st.st_mtime_ns, st.st_size, digest)
+    return snapshot
+
+
+def must_not_convert(*args):
+    raise AssertionError("converted again")
+
+
+def test_a_hit_writes_nothing_so_a_read_only_cache_works(
+    tmp_path, tiny_tokenizer, isolated_cache, monkeypatch
+):
+    """Tests run as root, which ignores permission bits: ``chmod -R a-w`` alone proves
+    nothing here. The cache is made read-only anyway (real for other users), and the test
+    compares a snapshot of it (every file's content and mtime, every directory's mtime)
+    before and after loads that hit: no file changes, none appears, not even for a moment."""
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
+    first = load_checkpoint(path, torch.float32)
+    copy = tmp_path / "elsewhere" / "tiny.gguf"  # same content, another mtime: it is hashed
+    copy.parent.mkdir()
+    shutil.copyfile(path, copy)
+    os.utime(copy, ns=(1, 1))
+    root = isolated_cache.parent
+    monkeypatch.setattr(loader, "convert_gguf", must_not_convert)
+    subprocess.run(["chmod", "-R", "a-w", str(root)], check=True)
+    try:
+        before = cache_snapshot(root)
+        for p in (path, copy):
+            ckpt = load_checkpoint(p, torch.float32)
+            assert all(torch.equal(ckpt.state_dict[k], t) for k, t in first.state_dict.items())
+        assert hf_reference_dir(copy) == hf_reference_dir(path)
+        assert cache_snapshot(root) == before
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(root)], check=True)
+
+
+@pytest.mark.parametrize(
+    "damage", ["weights cut short", "weights header changed", "tokenizer missing", "no manifest"]
+)
+def test_damaged_cache_entry_is_rebuilt(
+    damage, tmp_path, tiny_tokenizer, isolated_cache, monkeypatch, caplog
+):
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
+    # a clone: the tensors map the entry's file, which this test damages in place
+    expected = {k: t.clone() for k, t in load_checkpoint(path, torch.float32).state_dict.items()}
+    (entry,) = isolated_cache.iterdir()
+    weights = entry / "model.safetensors"
+    if damage == "weights cut short":
+        cut(weights, 0.5)
+    elif damage == "weights header changed":  # same size: the manifest's checksum tells
+        data = bytearray(weights.read_bytes())
+        data[20:24] = b"    "
+        weights.write_bytes(bytes(data))
+    elif damage == "tokenizer missing":
+        (entry / "tokenizer.json").unlink()
+    else:
+        (entry / "hetero_entry.json").unlink()
+    converted = []
+    real_convert = loader.convert_gguf
+    monkeypatch.setattr(loader, "convert_gguf", lambda *a: converted.append(a) or real_convert(*a))
+    with caplog.at_level(logging.WARNING, logger="hetero.loader"):
+        second = load_checkpoint(path, torch.float32)
+    assert len(converted) == 1
+    assert f"{entry}: " in caplog.text and "converting" in caplog.text
+    assert all(torch.equal(second.state_dict[k], t) for k, t in expected.items())
+    assert list(isolated_cache.iterdir()) == [entry]  # nothing moved aside is left
+    monkeypatch.setattr(loader, "convert_gguf", must_not_convert)
+    load_checkpoint(path, torch.float32)  # the rebuilt entry is a hit
+
+
+def refuse_writes_under(root, monkeypatch):
+    """Make creating a directory under ``root`` fail as a read-only filesystem would (root
+    ignores permission bits; a conversion starts by creating its temporary directory)."""
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if str(path).startswith(str(root)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+def test_damaged_entry_in_a_read_only_cache_names_the_directory_to_delete(
+    tmp_path, tiny_tokenizer, isolated_cache, monkeypatch
+):
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
+    load_checkpoint(path, torch.float32)
+    (entry,) = isolated_cache.iterdir()
+    cut(entry / "model.safetensors", 0.5)
+    refuse_writes_under(isolated_cache.parent, monkeypatch)
+    message = (
+        rf"the cache entry {re.escape(str(entry))} is damaged \(model\.safetensors has \d+ bytes, "
+        rf"not \d+\) and cannot be rebuilt: Read-only file system; delete {re.escape(str(entry))} "
+        r"\(rm -r\) or set HETERO_CACHE_DIR to another directory"
+    )
+    with pytest.raises(OSError, match=message) as info:
+        load_checkpoint(path, torch.float32)
+    assert info.value.errno == errno.EROFS and "\n" not in str(info.value)
+
+
+def test_damage_the_manifest_cannot_see_names_the_entry_to_delete(
+    tmp_path, tiny_tokenizer, isolated_cache, monkeypatch
+):
+    # checksums of 16 bytes at each end: a damaged safetensors header passes them
+    monkeypatch.setattr(loader, "_SAMPLE_BYTES", 16)
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
+    load_checkpoint(path, torch.float32)
+    (entry,) = isolated_cache.iterdir()
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[40:44] = b"\xff\xff\xff\xff"
+    weights.write_bytes(bytes(data))
+    message = (
+        rf"{re.escape(str(weights))} is truncated or not a safetensors file \(.+\): delete the "
+        rf"cache entry {re.escape(str(entry))} \(rm -r\) to have it rebuilt from "
+        + re.escape(str(path))
+    )
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(path, torch.float32)
+
+
+def dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_dead_conversions_and_older_converters_are_removed(
+    tmp_path, tiny_tokenizer, isolated_cache
+):
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
+    load_checkpoint(path, torch.float32)
+    (entry,) = isolated_cache.iterdir()
+    host, me, key = socket.gethostname(), os.getpid(), "tiny-0123456789abcdef-v2"
+
+    def leftover(name, age_s=0):
+        d = isolated_cache / name
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half a model")
+        if age_s:
+            os.utime(d, (time.time() - age_s,) * 2)
+        return d
+
+    removed = [
+        leftover(f".tmp~{host}~{dead_pid()}~00000001~{key}"),  # its owner is gone
+        leftover(f".tmp~other-host~{me}~00000002~{key}", age_s=2 * 86400),  # days old
+        leftover("stamps"),  # converter v1's hash memo
+        leftover("tiny-0123456789abcdef-v1"),  # a v1 entry
+        leftover(".tiny-0123456789abcdef-v1.k3_x9qzp"),  # a v1 temporary
+    ]
+    kept = [
+        leftover(f".tmp~{host}~{me}~00000003~{key}"),  # its owner, this test, is alive
+        leftover(f".tmp~other-host~{me}~00000004~{key}"),  # another host's, maybe running
+        leftover("notes"),  # not the loader's
+    ]
+    load_checkpoint(path, torch.float32)  # a hit
+    assert [d.name for d in removed if d.exists()] == []
+    assert [d.name for d in kept if not d.exists()] == []
+    assert entry.is_dir()
+
+
+def test_a_killed_conversion_leaves_a_temporary_the_next_load_removes(
+    tmp_path, tiny_tokenizer, isolated_cache
+):
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from hetero import loader
+
+        def convert_then_hang(gguf_path, out_dir):
+            real_convert(gguf_path, out_dir)
+            print("converted", flush=True)
+            time.sleep(300)
+
+        real_convert, loader.convert_gguf = loader.convert_gguf, convert_then_hang
+        loader.load_checkpoint(sys.argv[1])
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert "converted\n" in iter(proc.stdout.readline, "")  # read up to that line
+        (tmp,) = isolated_cache.iterdir()
+        assert tmp.name.startswith(f".tmp~{socket.gethostname()}~{proc.pid}~")
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+        proc.stdout.close()
+    assert (tmp / "model.safetensors").is_file()
+    load_checkpoint(path, torch.float32)
+    assert [p.name for p in isolated_cache.iterdir()] == [os.path.basename(hf_reference_dir(path))]
+
+
+def test_cache_that_cannot_be_created(tmp_path, tiny_tokenizer, monkeypatch):
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("HETERO_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    message = (
+        rf"cannot write the converted model into the cache {re.escape(str(tmp_path))}/a-file/"
+        r"cache/gguf: Not a directory; set HETERO_CACHE_DIR to a writable directory "
+        r"\(e\.g\. HETERO_CACHE_DIR=.+\)$"
+    )
+    with pytest.raises(OSError, match=message):
+        load_checkpoint(path, torch.float32)
+
+
+def test_disk_full_during_conversion(tmp_path, tiny_tokenizer, isolated_cache, monkeypatch):
+    import safetensors.torch
+
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
+
+    def disk_full(tensors, filename, metadata=None):
+        # safetensors' own words on a full disk (seen on a 64 KiB tmpfs); /dev/full would not
+        # do: safetensors writes a temporary file and renames it over the target
+        raise safetensors.SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    message = (
+        r"^\[Errno 28\] cannot write the converted model into the cache "
+        rf"{re.escape(str(isolated_cache))}: No space left on device; free space there, or set "
+        r"HETERO_CACHE_DIR to a directory with room \(e\.g\. HETERO_CACHE_DIR=.+\)$"
+    )
+    with pytest.raises(OSError, match=message) as info:
+        load_checkpoint(path, torch.float32)
+    assert info.value.errno == errno.ENOSPC
+    assert list(isolated_cache.iterdir()) == []  # the temporary is gone
 
 
 # ---- the embedded model against transformers' own GGUF reading ---------------------------------
