@@ -1,7 +1,13 @@
 """The ``hetero`` command: ``generate``, ``info`` and ``bench`` (driven from ``bench/``).
 
 Results go to stdout (one JSON object with ``--json``); logs and progress go to stderr.
-Errors exit non-zero with a one-line message.
+A bad input exits 2 with one line, ``hetero: error: ...``; Ctrl-C at any point exits 130
+with ``hetero: interrupted``. Everything the command can check itself (arguments, prompt,
+sampling parameters) is checked before the model loads.
+
+The module imports only the standard library: torch and the model stack are imported
+inside :func:`main`, where a Ctrl-C during the imports ends the process at once
+(``_import_model_stack``) and a later one unwinds to ``main``'s handler.
 """
 
 from __future__ import annotations
@@ -9,13 +15,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
+import signal
 import sys
-
-from hetero.backend import WorkerError
-from hetero.device import format_size
+import threading
 
 logger = logging.getLogger("hetero")
+
+# Caller mistakes (a bad flag, file, model or budget): the message is the whole story.
+USAGE_ERRORS = (ValueError, TypeError, OSError, ImportError)
+# Failures that may come from an input (an allocation the machine cannot make, a CPU
+# worker that died: ``WorkerError`` is a RuntimeError) or from a bug: one line too, but
+# naming the exception's type so a bug does not pass for a bad flag; ``-v`` re-raises.
+SETUP_ERRORS = (RuntimeError, MemoryError, OverflowError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (not usage + message), still exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"hetero: error: {_one_line(message)} (see '{self.prog} --help')\n")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +61,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hetero", description="Long-context LLM inference on CPU and GPU.")
+    ap = _Parser(prog="hetero", description="Long-context LLM inference on CPU and GPU.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -68,6 +88,30 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _import_model_stack() -> None:
+    """Import torch and the model stack, a Ctrl-C meanwhile ending the process at once.
+
+    Nothing needs cleaning up yet, and an interrupt is not safe to unwind through these
+    imports: torch swallows one that lands in its import of numpy and goes on half
+    initialised, and half-imported modules still run their exit hooks."""
+
+    def stop(signum, frame):
+        os.write(2, b"hetero: interrupted\n")
+        os._exit(130)
+
+    # only where Python's own handler is in place (not where SIGINT is ignored, nor off
+    # the main thread, where handlers cannot be set)
+    own = (threading.current_thread() is threading.main_thread()
+           and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if own:
+        signal.signal(signal.SIGINT, stop)
+    try:
+        import hetero.llm  # noqa: F401
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _make_llm(args):
     from hetero import LLM
 
@@ -81,17 +125,35 @@ def _make_llm(args):
     )
 
 
-def _generate(args) -> None:
-    from hetero import SamplingParams
-
-    if args.prompt_file is not None:
+def _read_prompt(args) -> str:
+    """The prompt text: ``--prompt``, or ``--prompt-file`` read as UTF-8; never empty."""
+    if args.prompt_file is None:
+        prompt, source = args.prompt, "--prompt"
+    else:
+        path, source = args.prompt_file, f"--prompt-file {args.prompt_file}"
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 prompt = f.read()
         except OSError as e:
-            raise ValueError(f"cannot read --prompt-file: {e.strerror}: {args.prompt_file}") from None
-    else:
-        prompt = args.prompt
+            raise ValueError(f"cannot read --prompt-file: {e.strerror or e}: {path}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file is not UTF-8 text ({e.reason}): {path}") from None
+    if not prompt:
+        raise ValueError(f"the prompt must be non-empty: {source} is empty")
+    try:  # an argument with bytes the locale could not decode holds surrogates
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("--prompt is not UTF-8 text") from None
+    return prompt
+
+
+def _generate(args) -> None:
+    # the cheap checks first: a bad prompt or parameter fails before the model loads
+    prompt = _read_prompt(args)
+    _import_model_stack()
+    from hetero.device import format_size
+    from hetero.sampling import SamplingParams
+
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop,
@@ -116,6 +178,7 @@ def _generate(args) -> None:
 
 
 def _info(args) -> None:
+    _import_model_stack()
     with _make_llm(args) as llm:
         rows = _info_rows(args, llm)
     width = max(map(len, rows))
@@ -128,6 +191,8 @@ def _info_rows(args, llm) -> dict[str, str]:
     import torch
     import transformers
     import triton
+
+    from hetero.device import format_size
 
     cfg = llm.config
     return {
@@ -156,23 +221,49 @@ def _bench(args) -> None:
     run(args)
 
 
+COMMANDS = {"generate": _generate, "info": _info, "bench": _bench}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    """Run ``hetero`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Everything runs inside the handlers, parsing and the imports of torch and the model
+    included, so Ctrl-C exits 130 without a traceback wherever it lands."""
+    verbose = False
     try:
-        {"generate": _generate, "info": _info, "bench": _bench}[args.command](args)
-    except (ValueError, TypeError, OSError, ImportError, WorkerError) as e:
-        if args.verbose:
-            raise
-        print(f"hetero: error: {e}", file=sys.stderr)
-        return 2
+        args = _parser().parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("hetero: interrupted", file=sys.stderr)
+        # CPython remembers a KeyboardInterrupt that left an exec() of a string (dataclasses
+        # and namedtuples are made that way, so one landing in an import often does) and,
+        # under ``python -m``, exits by SIGINT instead of with our status; an exec() that
+        # completes clears the memory
+        exec("")
         return 130
+    except (*USAGE_ERRORS, *SETUP_ERRORS) as e:
+        if verbose:
+            raise
+        print(f"hetero: error: {_describe_error(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _describe_error(e: BaseException) -> str:
+    """``e`` as one line; with its type (and where to see more) unless it is a usage error."""
+    msg = _one_line(str(e))
+    if isinstance(e, USAGE_ERRORS):
+        return msg or type(e).__name__
+    return f"{type(e).__name__}{': ' + msg if msg else ''} (run with -v for the traceback)"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":
