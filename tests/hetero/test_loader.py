@@ -25,7 +25,7 @@ import pytest
 import torch
 import transformers
 
-from hetero import loader
+from hetero import loader, model_cache
 from hetero.loader import default_model_path, hf_reference_dir, load_checkpoint
 
 TINY = dict(
@@ -460,7 +460,7 @@ def test_damaged_cache_entry_is_rebuilt(
     converted = []
     real_convert = loader.convert_gguf
     monkeypatch.setattr(loader, "convert_gguf", lambda *a: converted.append(a) or real_convert(*a))
-    with caplog.at_level(logging.WARNING, logger="hetero.loader"):
+    with caplog.at_level(logging.WARNING, logger="hetero.model_cache"):
         second = load_checkpoint(path, torch.float32)
     assert len(converted) == 1
     assert f"{entry}: " in caplog.text and "converting" in caplog.text
@@ -505,7 +505,7 @@ def test_damage_the_manifest_cannot_see_names_the_entry_to_delete(
     tmp_path, tiny_tokenizer, isolated_cache, monkeypatch
 ):
     # checksums of 16 bytes at each end: a damaged safetensors header passes them
-    monkeypatch.setattr(loader, "_SAMPLE_BYTES", 16)
+    monkeypatch.setattr(model_cache, "_SAMPLE_BYTES", 16)
     path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model(), tiny_tokenizer)
     load_checkpoint(path, torch.float32)
     (entry,) = isolated_cache.iterdir()
