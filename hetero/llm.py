@@ -92,6 +92,10 @@ class LLM:
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         if ray_address is not None and backend != "ray":
             raise ValueError(f"ray_address is for backend='ray', not {backend!r}")
+        if backend == "ray":
+            from orchestrator.ray_address import check_address
+
+            check_address(ray_address)
         _check_int("page_size", page_size, 1)
         if page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,12 +44,7 @@ from torch import Tensor
 
 from hetero.backend import CPUBackend, LSHSpec, WorkerError
 from orchestrator.lsh_worker import LSHWorker, Rows
-
-try:
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
-except ImportError as e:  # pragma: no cover - exercised by a test with ray hidden
-    raise ImportError("backend 'ray' needs Ray: pip install 'hetero[ray]' (or 'ray>=2.30')") from e
+from orchestrator.ray_address import first_line, probe_gcs, split_address
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +110,10 @@ class RayBackend(CPUBackend):
     address : None starts a local Ray instance sized to this machine (``os.cpu_count()``
         CPUs, no dashboard, every server on the loopback interface); ``"host:port"`` (a
         cluster's GCS address, as ``ray start --head`` prints it) or ``"auto"`` (the cluster
-        ``ray start`` runs on this machine) joins a cluster. If Ray is already initialised in
-        the process (by another backend, or by the caller), it is used as it is.
+        ``ray start`` runs on this machine) joins a cluster: a malformed address is a
+        ValueError at once (:func:`check_address`), an address where no Ray GCS answers one
+        within seconds (:func:`_probe_gcs`). If Ray is already initialised in the process (by
+        another backend, or by the caller), it is used as it is.
     n_workers : actors; default: the cluster's CPUs over ``actor_options["num_cpus"]``.
     timeout_s : longest wait for a worker's answer before the request fails.
     actor_options : overrides of :data:`ACTOR_OPTIONS` (Ray resources and options).
@@ -145,6 +141,9 @@ class RayBackend(CPUBackend):
         return list(self._workers)
 
     def start_lsh(self, spec: LSHSpec) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
         self._kill_workers()
         self._spec, layers = spec, spec.layers
         cpus = self.actor_options.get("num_cpus", 1) or 1
@@ -227,6 +226,8 @@ class RayBackend(CPUBackend):
         return sum(r for r, _ in counts), sum(o for _, o in counts)
 
     def describe(self) -> str:
+        import ray
+
         nodes = sum(n["Alive"] for n in ray.nodes())
         cpus = ray.cluster_resources().get("CPU", 0)
         return (f"ray ({nodes} node(s), {cpus:g} CPUs, GCS {ray.get_runtime_context().gcs_address}; "
@@ -244,11 +245,15 @@ class RayBackend(CPUBackend):
     # -- internals -----------------------------------------------------------------------
 
     def _new_actor(self, layers: list[int]) -> Any:
+        import ray
+
         spec = self._spec
         shard = {layer: spec.projections[layer] for layer in layers}
         return ray.remote(**self.actor_options)(LSHWorker).remote(shard, spec.k, spec.l, spec.scale)
 
     def _respawn(self, w: _Worker) -> None:
+        import ray
+
         logger.warning("%s died earlier: starting a new actor for its layers", w)
         ray.kill(w.actor)
         for key in [key for key in self._sent if self._owner[key[1]] is w]:
@@ -256,6 +261,8 @@ class RayBackend(CPUBackend):
         w.actor, w.dead = self._new_actor(w.layers), False
 
     def _kill_workers(self) -> None:
+        import ray
+
         if ray.is_initialized():  # else they went with it
             for w in self._workers:
                 ray.kill(w.actor)
@@ -281,13 +288,16 @@ class RayBackend(CPUBackend):
     def _get(self, ref: Any, w: _Worker, what: str, timeout: float | None = None) -> Any:
         """``ray.get`` bounded by ``timeout`` (default ``timeout_s``); a dead or silent worker
         becomes a :class:`WorkerError` (a silent one is killed)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
         timeout = self.timeout_s if timeout is None else timeout
         try:
             return ray.get(ref, timeout=timeout)
         except RayActorError as e:
             w.dead = True
             raise WorkerError(f"{w} died during {what}: the request fails "
-                              f"({type(e).__name__}: {_first_line(e)})") from e
+                              f"({type(e).__name__}: {first_line(e)})") from e
         except GetTimeoutError as e:
             w.dead = True
             ray.kill(w.actor)
@@ -330,23 +340,30 @@ def _tensors(arrays: tuple[np.ndarray, ...]) -> tuple[Tensor, ...]:
 
 
 def _done(ref: Any) -> bool:
+    import ray
+
     ready, _ = ray.wait([ref], timeout=0)
     return bool(ready)
 
 
-def _first_line(e: BaseException) -> str:
-    return next((line for line in str(e).splitlines() if line.strip()), "")
-
+# -- joining Ray -------------------------------------------------------------------------
 
 _users = 0  # backends using the Ray connection this module made; the last one closes it
 
 
 def _connect(address: str | None) -> bool:
     """Initialise Ray for this process, or share the connection an earlier backend made;
-    True if the caller must hand it back with :func:`_disconnect`."""
+    True if the caller must hand it back with :func:`_disconnect`. An address is checked and
+    probed first (:func:`orchestrator.ray_address.probe_gcs`), even where Ray is initialised already and it goes
+    unused: a wrong address is an error, never a silent fallback."""
     global _users
-    if address is not None:
-        _check_address(address)
+    host_port = split_address(address)
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError("backend 'ray' needs Ray: pip install 'hetero[ray]' (or 'ray>=2.30')") from e
+    if host_port is not None:
+        probe_gcs(address, *host_port)
     if ray.is_initialized():
         if _users:
             _users += 1
@@ -361,7 +378,7 @@ def _connect(address: str | None) -> bool:
         try:
             ray.init(address=address)
         except (ConnectionError, RuntimeError) as e:
-            raise ValueError(f"cannot join the Ray cluster at {address!r}: {e}") from e
+            raise ValueError(f"cannot join the Ray cluster at {address!r}: {first_line(e)}") from e
     _users = 1
     return True
 
@@ -369,25 +386,11 @@ def _connect(address: str | None) -> bool:
 def _disconnect() -> None:
     """Shut down the local instance (or leave the cluster) when its last backend closes."""
     global _users
+    import ray
+
     _users -= 1
     if _users == 0 and ray.is_initialized():
         ray.shutdown()
-
-
-def _check_address(address: str) -> None:
-    """A clear error at once for an address that is malformed or where nothing listens (Ray
-    itself retries for over a minute)."""
-    if address == "auto":
-        return
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"ray_address must be 'host:port' (the head's GCS address, as 'ray start "
-                         f"--head' prints it) or 'auto', got {address!r}")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as e:
-        raise ValueError(f"no Ray cluster answers at ray_address {address!r} ({e.strerror or e}): "
-                         f"start one with 'ray start --head --port={port}', or check the address") from None
 
 
 @contextmanager
@@ -395,6 +398,7 @@ def _loopback():
     """Make a local Ray instance take 127.0.0.1 as its node address, so that its servers
     listen on the loopback interface only (Ray otherwise resolves 127.0.0.1 to the
     machine's outward address and listens on every interface)."""
+    import ray
     from ray._private import ray_constants
 
     if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # another Ray version: keep its default

@@ -159,6 +159,8 @@ def test_a_huge_prompt_is_refused_without_tokenising_it_whole(tiny_model_dir, mo
     ({"device_kv_budget": "1000000000000000GiB"}, "memory"),
     ({"policy": "quest", "policy_params": {"token_budget": "big"}}, "token_budget"),
     ({"policy": "quest", "policy_params": {"n_sink": True}}, "n_sink"),
+    ({"backend": "ray", "ray_address": "127.0.0.1:70000"}, "out of range"),
+    ({"backend": "ray", "ray_address": "ray://head:10001"}, "ray_address"),
 ])
 def test_cheap_checks_come_before_the_model_loads(kwargs, match):
     with pytest.raises(ValueError, match=match):  # the model path is never looked at

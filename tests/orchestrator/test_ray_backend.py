@@ -6,7 +6,6 @@ replaced on the next build; end to end,
 greedy tokens equal the local backend's, and a killed actor fails the request, frees its
 pages and leaves the LLM usable and closable."""
 
-import sys
 import time
 
 import numpy as np
@@ -202,21 +201,12 @@ def test_a_silent_actor_times_out_and_is_killed(driver):
         b.close()
 
 
-@pytest.mark.parametrize("address, match", [
-    ("localhost", "host:port"), ("127.0.0.1:x", "host:port"), ("127.0.0.1:1", "no Ray cluster answers"),
-])
-def test_bad_addresses_are_clear_errors_at_once(address, match):
-    t = time.perf_counter()
-    with pytest.raises(ValueError, match=match):
-        RayBackend(address)
-    assert time.perf_counter() - t < 10
-
-
-def test_missing_ray_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.delitem(sys.modules, "orchestrator.ray_backend")
-    with pytest.raises(ImportError, match=r"pip install 'hetero\[ray\]'"):
-        import orchestrator.ray_backend  # noqa: F401
+def test_the_instance_gcs_address_passes_the_probe(driver):
+    # a real GCS answers the probe (the bad addresses: test_ray_address.py); the backend
+    # then shares the module's instance
+    other = RayBackend(ray.get_runtime_context().gcs_address)
+    other.close()
+    assert ray.is_initialized()
 
 
 # -- end to end --------------------------------------------------------------------------
