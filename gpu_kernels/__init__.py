@@ -3,11 +3,11 @@
 Every op returns ``(out, lse)`` partials that combine exactly with ``merge_partials``.
 """
 
-from .decode import paged_decode_attention
+from .decode import PagedTables, paged_decode_attention
 from .merge import merge_partials
 from .prefill import prefill_attention, prior_attention
 from .quest import quest_page_scores
 from .simhash import simhash_codes
 
-__all__ = ["merge_partials", "paged_decode_attention", "prefill_attention", "prior_attention"]
+__all__ = ["PagedTables", "merge_partials", "paged_decode_attention", "prefill_attention", "prior_attention"]
 __all__ += ["quest_page_scores", "simhash_codes"]

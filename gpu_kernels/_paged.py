@@ -142,21 +142,22 @@ def kv_blocks(
 
 
 def gather_heads(
-    name: str, k_cache: Tensor, v_cache: Tensor, pages: Tensor, n_tokens: int, page_size: int
+    name: str, k_cache: Tensor, v_cache: Tensor, pages: list[list[int]], n_tokens: int, page_size: int
 ) -> list[tuple[Tensor, Tensor]]:
     """One K and V block [H, n_tokens, D] of head ``h``'s first ``n_tokens`` tokens of page
-    list ``pages[h]`` (int32 [H, >= n_tokens / page_size]), gathered (a copy) by one page
-    index per cache: the sparse-policy case, where heads list different pages of equal
-    count. ``[]`` if ``n_tokens`` is 0."""
+    list ``pages[h]`` (H lists of at least ``n_tokens / page_size`` page ids), gathered (a
+    copy) by one page index per cache: the sparse-policy case, where heads list different
+    pages of equal count. ``[]`` if ``n_tokens`` is 0."""
     if n_tokens <= 0:
         return []
     h, n_slots, d = k_cache.shape
     n_pages = n_slots // page_size
-    used = pages[:, : -(-n_tokens // page_size)]
-    lo, hi = used.aminmax()
+    n_used = -(-n_tokens // page_size)
+    used = [row[:n_used] for row in pages]
+    lo, hi = min(map(min, used)), max(map(max, used))
     if lo < 0 or hi >= n_pages:
-        raise ValueError(f"{name}: page ids must lie in [0, {n_pages}), got {int(lo)}..{int(hi)}")
-    index = (used + torch.arange(0, h * n_pages, n_pages, dtype=used.dtype)[:, None]).view(-1)
+        raise ValueError(f"{name}: page ids must lie in [0, {n_pages}), got {lo}..{hi}")
+    index = torch.tensor([p + i * n_pages for i, row in enumerate(used) for p in row])
     return [tuple(
         cache.view(h * n_pages, page_size, d).index_select(0, index).view(h, -1, d)[:, :n_tokens]
         for cache in (k_cache, v_cache)

@@ -12,6 +12,9 @@ partials are merged by LSE.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +25,27 @@ from .merge import _merge_triton, merge_partials
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
-__all__ = ["paged_decode_attention"]
+__all__ = ["PagedTables", "paged_decode_attention"]
+
+
+@dataclass(frozen=True, slots=True)
+class PagedTables:
+    """The host's copy of a decode call's ``block_table`` and ``kv_lens``, as Python lists
+    the caller already holds (its page bookkeeping is host-side): the CPU path reads these
+    instead of converting the tensors, so a decode step reads nothing back from the device.
+
+    ``tables[b]`` lists sequence ``b``'s page ids per KV head, or one list shared by every
+    head; ``lens[b]`` its valid tokens per KV head. Entries must equal the tensors'.
+    """
+
+    tables: list[list[list[int]]]
+    lens: list[list[int]]
+
+
+@functools.cache
+def _n_sm(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index``, queried once."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit
@@ -105,7 +128,7 @@ def _decode_triton(
     g = hq // hkv
     max_tokens = max(block_table.shape[2] * page_size, 1)  # bound without reading kv_lens
     if num_splits is None:
-        n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        n_sm = _n_sm(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 1
         num_splits = max(1, -(-4 * n_sm // max(b * hkv, 1)))
     num_splits = max(1, min(num_splits, -(-max_tokens // block_n)))
     tokens_per_split = -(-max_tokens // (num_splits * block_n)) * block_n
@@ -153,7 +176,7 @@ def _block_partials(q: Tensor, k: Tensor, v: Tensor, scale: float) -> list[tuple
 
 def _decode_torch(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, kv_lens: Tensor,
-    scale: float, page_size: int,
+    scale: float, page_size: int, host: PagedTables | None = None,
 ) -> tuple[Tensor, Tensor]:
     """CPU path of ``paged_decode_attention``.
 
@@ -171,7 +194,7 @@ def _decode_torch(
     b, hq, d = q.shape
     hkv, width = k_cache.shape[0], block_table.shape[2]
     g = hq // hkv
-    lens = kv_lens.tolist()
+    lens = kv_lens.tolist() if host is None else host.lens
     for i, lens_i in enumerate(lens):
         if min(lens_i) < 0 or max(lens_i) > width * page_size:
             raise ValueError(
@@ -181,7 +204,11 @@ def _decode_torch(
     n_pages = k_cache.shape[1] // page_size
     max_used = -(-max((max(lens_i) for lens_i in lens), default=0) // page_size)
     same_len = [lens_i.count(lens_i[0]) == hkv for lens_i in lens]
-    if hkv == 1 or block_table.stride(1) == 0:
+    if host is not None:
+        tables = [rows * hkv if len(rows) == 1 else rows for rows in host.tables]
+        shared = [same and (len(rows) == 1 or all(r == rows[0] for r in rows[1:]))
+                  for same, rows in zip(same_len, host.tables)]
+    elif hkv == 1 or block_table.stride(1) == 0:
         tables = [[row] * hkv for row in block_table[:, 0, :max_used].tolist()]
         shared = same_len
     else:
@@ -199,7 +226,7 @@ def _decode_torch(
             runs = page_runs(name, tables[i][0], lens[i][0], page_size, n_pages)
             groups = [(slice(None), kv_blocks(k_cache, v_cache, runs, page_size))]
         elif same_len[i]:  # sparse heads, equal counts: one gather, all heads at once
-            blocks = gather_heads(name, k_cache, v_cache, block_table[i], lens[i][0], page_size)
+            blocks = gather_heads(name, k_cache, v_cache, tables[i], lens[i][0], page_size)
             groups = [(slice(None), blocks)]
         else:
             groups = [
@@ -226,7 +253,7 @@ def _decode_torch(
 
 def paged_decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, kv_lens: Tensor,
-    scale: float, page_size: int,
+    scale: float, page_size: int, host: PagedTables | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of one query token per sequence over its paged KV cache.
 
@@ -242,6 +269,8 @@ def paged_decode_attention(
         but possibly the last). 0 gives ``out = 0`` and ``lse = -inf`` for those heads.
     scale : softmax scale (typically ``D ** -0.5``).
     page_size : tokens per page.
+    host : the host's copy of ``block_table`` and ``kv_lens`` (:class:`PagedTables`); the CPU
+        path then reads no tensor back (CUDA ignores it).
 
     Returns
     -------
@@ -263,4 +292,4 @@ def paged_decode_attention(
     check_index(name, "kv_lens", kv_lens, (b, hkv), q.device)
     if q.is_cuda:
         return _decode_triton(q, k_cache, v_cache, block_table, kv_lens, scale, page_size)
-    return _decode_torch(q, k_cache, v_cache, block_table, kv_lens, scale, page_size)
+    return _decode_torch(q, k_cache, v_cache, block_table, kv_lens, scale, page_size, host)

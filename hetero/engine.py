@@ -48,7 +48,9 @@ class Engine:
         A sequence that keeps its KV on the device is prefilled chunk by chunk through all
         layers; one that offloads, layer by layer (:meth:`_prefill_layers`).
         """
-        if self.store.tables[seq_id].offload:
+        table = self.store.tables[seq_id]
+        table.sink_pages = self.policy.sink_pages(self.store.page_size)
+        if table.offload:
             hidden = self._prefill_layers(seq_id, token_ids, progress)
         else:
             hidden = self._prefill_chunks(seq_id, token_ids, score, progress)
@@ -86,7 +88,7 @@ class Engine:
 
             tokens = torch.tensor(chunk, device=self.device)
             positions = torch.arange(start, start + n, device=self.device)
-            out = model(tokens, positions, attend)
+            out = model(tokens, positions, attend, start + n)
             hidden = [*hidden, out] if keep_all else [out]
             table.n_tokens = start + n
             if progress is not None:
@@ -110,8 +112,8 @@ class Engine:
         table, ps, n = store.tables[seq_id], store.page_size, len(token_ids)
         n_layers = len(model.blocks)
         x = model.embed(torch.tensor(token_ids, device=self.device))
-        cos, sin = model.rope.tables(torch.arange(n, device=self.device), x.dtype)
-        sink = policy.sink_pages(ps)
+        cos, sin = model.rope.tables(torch.arange(n, device=self.device), x.dtype, n)
+        sink = table.sink_pages
         for layer, block in enumerate(model.blocks):
             done = sink  # pages of this layer before it are offloaded (or sinks)
             for start in range(0, n, self.prefill_chunk):
@@ -152,6 +154,7 @@ class Engine:
         step = DecodeStep(
             store=store,
             seq_ids=seq_ids,
+            n_tokens=[p + 1 for p in positions],
             kv_lens=torch.tensor(positions, dtype=torch.int32, device=self.device)[:, None]
             .add(1)
             .expand(b, cfg.n_kv_heads),
@@ -165,7 +168,7 @@ class Engine:
         for s in seq_ids:  # policies read n_tokens: the new token takes part in attention
             store.tables[s].n_tokens += 1
         tokens = torch.tensor(token_ids, device=self.device)
-        hidden = self.model(tokens, torch.tensor(positions, device=self.device), attend)
+        hidden = self.model(tokens, torch.tensor(positions, device=self.device), attend, max(positions) + 1)
         for s in seq_ids:
             self._evict(s)
         return self.model.logits(hidden)
@@ -179,7 +182,7 @@ class Engine:
         """Offload the pages of the sparse layers that left the local window."""
         table = self.store.tables[seq_id]
         settled = self._settled(seq_id, table.n_tokens)
-        first = max(table.settled, self.policy.sink_pages(self.store.page_size))
+        first = table.offloaded.stop  # where the offloaded run ends now
         for layer in range(self.model.cfg.n_layers):
             self._offload(seq_id, layer, first, settled)
         table.settled = max(table.settled, settled)

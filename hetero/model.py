@@ -45,9 +45,10 @@ class Rope:
         self.inv_freq = rope_inv_freq(cfg)
         self._cos = self._sin = None
 
-    def tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin [N, 1, head_dim] for ``positions`` [N]."""
-        need = int(positions.max()) + 1
+    def tables(self, positions: Tensor, dtype: torch.dtype, bound: int | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin [N, 1, head_dim] for ``positions`` [N], all below ``bound`` (a Python int
+        the caller knows; without it the positions are read back to find it)."""
+        need = int(positions.max()) + 1 if bound is None else bound
         stale = self._cos is None or self._cos.dtype != dtype or self._cos.device != positions.device
         if stale or self._cos.shape[0] < need:
             n = max(need, 4096, 0 if stale else 2 * self._cos.shape[0])
@@ -104,10 +105,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = Rope(cfg)
 
-    def forward(self, tokens: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
-        """Final-normed hidden states [N, hidden] for ``tokens`` [N] at ``positions`` [N]."""
+    def forward(self, tokens: Tensor, positions: Tensor, attend: AttendFn, bound: int | None = None) -> Tensor:
+        """Final-normed hidden states [N, hidden] for ``tokens`` [N] at ``positions`` [N]
+        (all below ``bound`` if given, which spares reading them back)."""
         x = self.embed(tokens)
-        cos, sin = self.rope.tables(positions, x.dtype)
+        cos, sin = self.rope.tables(positions, x.dtype, bound)
         for block in self.blocks:
             x = block(x, cos, sin, attend)
         return self.norm(x)

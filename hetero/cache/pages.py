@@ -67,16 +67,6 @@ class PageAllocator:
 
 
 @dataclass(slots=True)
-class HeadSlots:
-    """One layer's cache of pages picked per KV head: in KV head ``h``, device page
-    ``pages[j]`` holds offloaded page ``held[h][j]`` of the layer (-1: nothing yet). Each
-    head holds its own pages in the same device pages, so attention reads them as one list."""
-
-    pages: list[int]
-    held: list[list[int]]
-
-
-@dataclass(slots=True)
 class SeqPages:
     """Page tables of one sequence: ``layers[l][i]`` is the device page holding tokens
     ``i*page_size ..`` of layer ``l``, or :data:`OFFLOADED`. ``n_tokens`` are written.
@@ -102,10 +92,11 @@ class SeqPages:
     layers: list[list[int]] = field(default_factory=list)
     meta: list[list[int]] = field(default_factory=list)
     cache: list[OrderedDict] = field(default_factory=list)
-    heads: list[HeadSlots | None] = field(default_factory=list)
+    heads: list = field(default_factory=list)  # per layer: the store's HeadSlots, or None
     ahead: list[list[int]] = field(default_factory=list)
     n_tokens: int = 0
     settled: int = 0  # pages before this one are offloaded or stay for good (sinks)
+    sink_pages: int = 0  # leading pages that stay for good (the engine sets it)
     stream_prefill: bool = False
 
     def __post_init__(self):
@@ -119,6 +110,15 @@ class SeqPages:
     @property
     def n_pages(self) -> int:
         return len(self.layers[0])  # the most of any layer: layer 0 leads a layer-wise prefill
+
+    @property
+    def offloaded(self) -> range:
+        """The pages of every offloading layer that live on the host tier: one run,
+        ``[sink_pages, settled)``, which the engine advances as tokens leave the window
+        (empty for a sequence that does not offload). The one statement of this rule."""
+        if not self.offload:
+            return range(0)
+        return range(self.sink_pages, max(self.sink_pages, self.settled))
 
     def pages_for(self, n_tokens: int) -> int:
         """How many more pages per layer are needed to hold ``n_tokens`` tokens in all."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hetero.cache.pages import OFFLOADED, HeadSlots, OutOfPages, PageAllocator, SeqPages
+from hetero.cache.pages import OFFLOADED, OutOfPages, PageAllocator, SeqPages
 from hetero.config import ModelConfig
 from hetero.device import Device, format_size
 
@@ -38,6 +38,19 @@ class MemoryReport:
     d2h_bytes: int
     cache_hits: int
     cache_misses: int
+
+
+@dataclass(slots=True)
+class HeadSlots:
+    """One layer's cache of pages picked per KV head: in KV head ``h``, device page
+    ``pages[j]`` holds offloaded page ``held[h, j]`` of the layer (-1: nothing yet). Each
+    head holds its own pages in the same device pages, so attention reads them as one list.
+    ``held`` (int64 [Hkv, k]) and ``first`` (``pages[:k]``, int64 [k]) live on the device:
+    the picks that update them never come back to the host."""
+
+    pages: list[int]
+    held: Tensor
+    first: Tensor
 
 
 HEAD_CACHE_SPARE = 2
@@ -117,9 +130,10 @@ class KVStore:
         table = self.tables[seq_id]
         ps = self.page_size
         first, last = start // ps, (start + n - 1) // ps
-        rows = table.layers if layers is None else [table.layers[layer] for layer in layers]
-        pages = torch.tensor([pages[first : last + 1] for pages in rows])  # [L, n_pages]
-        assert bool((pages >= 0).all()), "writing to a page that is not on the device"
+        rows = [pages[first : last + 1] for pages in
+                (table.layers if layers is None else [table.layers[layer] for layer in layers])]
+        assert all(p >= 0 for row in rows for p in row), "writing to a page that is not on the device"
+        pages = torch.tensor(rows)  # [L, n_pages]
         pos = torch.arange(start, start + n)
         return (pages[:, pos // ps - first] * ps + pos % ps).to(self.device.device)
 
@@ -221,47 +235,55 @@ class KVStore:
             cache.update(zip(missing, pages))
         return [cache[i] for i in page_idx]
 
-    def fetch_heads(
-        self, seq_id: int, layer: int, page_idx: list[list[int]], resident: list[int]
-    ) -> list[int]:
+    def fetch_heads(self, seq_id: int, layer: int, picks: Tensor, resident: list[int]) -> list[int]:
         """Device pages holding what sparse attention reads of one layer, in token order: in
-        each KV head ``h`` the offloaded pages ``page_idx[h]`` (the same count for every
-        head, distinct within a head, in no particular order), then copies of the device
-        pages ``resident`` (sinks and window; the last may be partial).
+        each KV head ``h`` the offloaded pages ``picks[h]`` (int64 [Hkv, k] on the device,
+        distinct within a head, in no particular order), then copies of the device pages
+        ``resident`` (sinks and window; the last may be partial).
 
         The pages are the layer's head cache, one run of device pages when the allocator
         has one, so the CPU path reads them as one view and gathers nothing. A head keeps
         the offloaded pages it holds and still wants where they are, and its new pages are
         copied from the host tier into the slots of those it no longer wants: it pays for a
-        page only when it picks it anew. The resident pages are copied on the device (no
-        host traffic). Hits and misses count pages of one KV head.
+        page only when it picks it anew. Which pages each head holds is device state
+        (``HeadSlots.held``), updated by tensor ops: the host never reads the picks (on the
+        CPU nothing is read back; on CUDA the masked copy waits for the count of misses).
+        The resident pages are copied on the device (no host traffic). Hits and misses
+        count pages of one KV head.
         """
         table, ps = self.tables[seq_id], self.page_size
-        k = len(page_idx[0])
+        hkv, k = picks.shape
         slots = table.heads[layer]
-        if slots is None or len(slots.held[0]) != k or len(slots.pages) < k + len(resident):
+        if slots is None or slots.held.shape[1] != k or len(slots.pages) < k + len(resident):
             if slots is not None:  # the selection grew, or the window: start afresh
                 self.allocator.free(slots.pages)
             pages = self._allocate(k + len(resident) + HEAD_CACHE_SPARE)
-            slots = table.heads[layer] = HeadSlots(pages, [[-1] * k for _ in page_idx])
+            held = torch.full((hkv, k), -1, dtype=torch.int64, device=picks.device)
+            slots = table.heads[layer] = HeadSlots(pages, held, torch.tensor(pages[:k], device=picks.device))
         host = self.host[seq_id][layer]
         n_host, n_pool = host.shape[2] // ps, self.kv.shape[2] // ps
-        src, dst = [], []  # rows of the [2 * Hkv * pages] views of the host tier and the pool
-        for h, (want, held) in enumerate(zip(page_idx, slots.held)):
-            wanted, have = set(want), set(held)
-            new = [i for i in want if i not in have]
-            free = [j for j, i in enumerate(held) if i not in wanted]
-            assert len(new) == len(free) == len(set(new)), "a head listed a page twice"
-            for j, i in zip(free, new):
-                held[j] = i
-                src.append(h * n_host + i)
-                dst.append(h * n_pool + slots.pages[j])
-        self.cache_hits += len(page_idx) * k - len(src)
-        self.cache_misses += len(src)
-        if src:  # V's rows follow all of K's
-            hkv = len(page_idx)
-            src = torch.tensor(src + [i + hkv * n_host for i in src])
-            dst = torch.tensor(dst + [j + hkv * n_pool for j in dst])
+        # a page id past the host tier's stands for "nothing held"
+        held = torch.where(slots.held < 0, n_host, slots.held)
+        wanted = torch.zeros((hkv, n_host + 1), dtype=torch.bool, device=picks.device)
+        have = torch.zeros_like(wanted)
+        keep = wanted.scatter_(1, picks, True).gather(1, held)  # held pages still wanted
+        fresh = ~have.scatter_(1, held, True).gather(1, picks)  # picks not held
+        # pair each head's j-th fresh pick with its j-th free slot (as many of each)
+        new = picks.gather(1, torch.argsort((~fresh).to(torch.uint8), dim=1, stable=True))
+        free = torch.argsort(keep.to(torch.uint8), dim=1, stable=True)
+        valid = torch.arange(k, device=picks.device) < fresh.sum(1, keepdim=True)
+        slots.held.scatter_(1, free, torch.where(valid, new, slots.held.gather(1, free)))
+        heads = torch.arange(hkv, device=picks.device)[:, None]
+        src = (heads * n_host + new)[valid]  # rows of the [2 * Hkv * pages] views
+        dst = (heads * n_pool + slots.first[free])[valid]
+        n_miss = src.numel()
+        self.cache_hits += hkv * k - n_miss
+        self.cache_misses += n_miss
+        if n_miss:  # V's rows follow all of K's
+            src = torch.cat([src, src + hkv * n_host])
+            if src.is_cuda:  # the host gathers the rows: on CUDA it waits for their ids here
+                src = src.cpu()
+            dst = torch.cat([dst, dst + hkv * n_pool])
             self.device.to_device(self._head_pages(self.kv),
                                   self.device.host_gather(self._head_pages(host), 1, src), index=dst)
         picked = slots.pages[: k + len(resident)]

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from gpu_kernels import PagedTables
 from hetero.backend import CPUBackend
 from hetero.cache import OFFLOADED, KVStore, SeqPages
 from hetero.config import ModelConfig
@@ -23,14 +24,22 @@ from hetero.config import ModelConfig
 class DecodeStep:
     """Per-step metadata shared by every layer of one decode step (built once per step).
 
-    ``kv_lens`` [B, Hkv] int32 tokens of each sequence, the new token included.
+    ``n_tokens`` (host) and ``kv_lens`` [B, Hkv] int32 (device): tokens of each sequence,
+    the new token included.
     """
 
     store: KVStore
     seq_ids: list[int]
+    n_tokens: list[int]
     kv_lens: Tensor
     scale: float
     _tables: Tensor | None = None
+
+    def host_tables(self, layer: int) -> PagedTables:
+        """The host copy of ``block_tables[layer]`` and ``kv_lens``."""
+        hkv = self.kv_lens.shape[1]
+        return PagedTables([[self.store.tables[s].layers[layer]] for s in self.seq_ids],
+                           [[n] * hkv for n in self.n_tokens])
 
     @property
     def block_tables(self) -> Tensor:
@@ -149,34 +158,30 @@ class Policy(ABC):
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         """Attention output [B, Hq, D] for queries ``q`` [B, Hq, D] of one layer."""
 
-    def resident_pages(self, table: SeqPages, layer: int) -> Tensor:
-        """Device pages [n] (int32) holding the tokens of one layer, in token order: the
-        resident set, and pages that left the window during this step (the engine offloads
-        them after it), so that with the offloaded pages ``[sink_pages, settled)`` they
-        cover every token."""
+    def resident_pages(self, table: SeqPages, layer: int) -> list[int]:
+        """Device pages holding the tokens of one layer, in token order: the resident set,
+        and pages that left the window during this step (the engine offloads them after
+        it), so that with the offloaded run (``SeqPages.offloaded``) they cover every
+        token."""
         pages = table.layers[layer][: -(-table.n_tokens // table.page_size)]
-        if table.offload and OFFLOADED in pages[: table.settled]:
-            # the engine offloads one run, from the sinks up to `settled`
-            pages = pages[: pages.index(OFFLOADED)] + pages[table.settled :]
-        return torch.tensor(pages, dtype=torch.int32)
+        run = table.offloaded
+        if run and pages[run.start] == OFFLOADED:  # a layer that offloads (not a dense one)
+            pages = pages[: run.start] + pages[run.stop :]
+        return pages
 
 
 def pack_tables(
-    rows: list[Tensor], n_tokens: list[int], page_size: int, hkv: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
+    rows: list[list[int]], n_tokens: list[int], page_size: int, hkv: int, device: torch.device
+) -> tuple[Tensor, Tensor, PagedTables]:
     """Block tables [B, Hkv, P] (int32, -1 pads) and kv_lens [B, Hkv] from per-sequence page
-    lists, int32 ``[n]`` shared by every KV head, whose last page is the sequence's last
-    (partial) page. A single row stays a stride-0 view over heads, which the CPU kernel
-    reads as one page list."""
+    lists shared by every KV head, whose last page is the sequence's last (partial) page,
+    and their host copy for the CPU path. A single row stays a stride-0 view over heads."""
     lens = []
     for r, n in zip(rows, n_tokens):
         last = n - (n - 1) // page_size * page_size  # tokens in the last page
-        lens.append((r.shape[-1] - 1) * page_size + last)
-    lens = torch.tensor(lens, dtype=torch.int32)[:, None].expand(-1, hkv)
-    if len(rows) == 1:
-        table = rows[0].expand(1, hkv, -1)
-    else:
-        table = torch.full((len(rows), hkv, max(r.shape[-1] for r in rows)), -1, dtype=torch.int32)
-        for b, r in enumerate(rows):
-            table[b, :, : r.shape[-1]] = r
-    return table.to(device), lens.to(device)
+        lens.append((len(r) - 1) * page_size + last)
+    width = max(len(r) for r in rows)
+    table = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)
+    host = PagedTables([[r] for r in rows], [[n] * hkv for n in lens])
+    lens_t = torch.tensor(lens, dtype=torch.int32)[:, None].expand(-1, hkv)
+    return table[:, None, :].expand(-1, hkv, -1).to(device), lens_t.to(device), host

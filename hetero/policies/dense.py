@@ -31,7 +31,7 @@ class DensePolicy(Policy):
         if not any(store.tables[s].offload for s in step.seq_ids):
             out, _ = paged_decode_attention(
                 q, store.k, store.v, step.block_tables[layer], step.kv_lens, step.scale,
-                store.page_size,
+                store.page_size, step.host_tables(layer),
             )
             return out
         rows = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gpu_kernels import merge_partials, paged_decode_attention, prefill_attention, prior_attention
+from gpu_kernels import PagedTables, merge_partials, paged_decode_attention, prefill_attention, prior_attention
 from hetero.cache import OFFLOADED, KVStore
 
 
@@ -65,4 +65,4 @@ def _unmasked(q: Tensor, store: KVStore, pages: list[int], n_tokens: int, scale:
     hkv = store.cfg.n_kv_heads
     lens = torch.full((1, hkv), n_tokens, dtype=torch.int32, device=q.device)
     return paged_decode_attention(q, store.k, store.v, table.expand(1, hkv, -1), lens, scale,
-                                  store.page_size)
+                                  store.page_size, PagedTables([[pages]], [[n_tokens] * hkv]))

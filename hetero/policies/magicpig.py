@@ -129,10 +129,8 @@ class MagicPIGPolicy(Policy):
         store = step.store
         ps, hkv, device = store.page_size, store.cfg.n_kv_heads, store.device
         tables = [store.tables[s] for s in step.seq_ids]
-        lo = self.sink_pages(ps) * ps
-        # sequences with offloaded tokens in this layer: the engine offloads [lo, settled*ps)
-        cpu = [b for b, t in enumerate(tables)
-               if layer >= self.dense_layers and t.offload and t.settled * ps > lo]
+        # sequences with offloaded tokens in this layer (the dense layers keep theirs)
+        cpu = [b for b, t in enumerate(tables) if layer >= self.dense_layers and t.offloaded]
         future = None
         if cpu:
             if self._backend is None:
@@ -149,11 +147,11 @@ class MagicPIGPolicy(Policy):
             device.to_host(codes_host, codes)
             device.host_sync()  # the worker reads q, codes and the pages offloaded so far
             future = self._backend.submit_attend(layer, [step.seq_ids[b] for b in cpu], q_host, codes_host,
-                                                 [tables[b].settled * ps for b in cpu])
+                                                 [tables[b].offloaded.stop * ps for b in cpu])
         # meanwhile, the resident set (everything, for dense layers) on the device
         rows = [self.resident_pages(t, layer) for t in tables]
-        bt, lens = pack_tables(rows, [t.n_tokens for t in tables], ps, hkv, q.device)
-        out, lse = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps)
+        bt, lens, host = pack_tables(rows, [t.n_tokens for t in tables], ps, hkv, q.device)
+        out, lse = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps, host)
         if future is None:
             return out
         cpu_out = torch.zeros_like(out)

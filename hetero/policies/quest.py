@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from gpu_kernels import paged_decode_attention, quest_page_scores
@@ -52,23 +51,21 @@ class QuestPolicy(Policy):
     def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
         store = step.store
         ps = store.page_size
-        n_sink = self.sink_pages(ps)
         rows = []
         for b, s in enumerate(step.seq_ids):
             table = store.tables[s]
             resident = self.resident_pages(table, layer)
-            # the engine offloads exactly the pages between the sinks and `settled`
-            if layer < self.dense_layers or not table.offload or table.settled <= n_sink:
+            run = table.offloaded
+            if layer < self.dense_layers or not run:
                 rows.append(resident)
                 continue
             kmin, kmax = store.key_bounds(s, layer)
-            scores = quest_page_scores(q[b], kmin, kmax)[:, n_sink : table.settled]
-            top = scores.topk(min(self.top_pages(ps), scores.shape[1]), dim=1, sorted=False)
-            # [Hkv, k] page indices; each KV head's picks land in the same device pages,
-            # followed by copies of the resident ones: one page list for every head
-            picked = store.fetch_heads(s, layer, top.indices.add_(n_sink).tolist(), resident.tolist())
-            rows.append(torch.tensor(picked, dtype=torch.int32))
-        bt, lens = pack_tables(rows, [store.tables[s].n_tokens for s in step.seq_ids], ps,
-                               store.cfg.n_kv_heads, q.device)
-        out, _ = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps)
+            scores = quest_page_scores(q[b], kmin, kmax)[:, run.start : run.stop]
+            top = scores.topk(min(self.top_pages(ps), len(run)), dim=1, sorted=False)
+            # [Hkv, k] page indices, kept on the device; each KV head's picks land in the same
+            # device pages, followed by copies of the resident ones: one page list for all heads
+            rows.append(store.fetch_heads(s, layer, top.indices.add_(run.start), resident))
+        bt, lens, host = pack_tables(rows, [store.tables[s].n_tokens for s in step.seq_ids], ps,
+                                     store.cfg.n_kv_heads, q.device)
+        out, _ = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps, host)
         return out

@@ -20,6 +20,6 @@ class StreamingPolicy(Policy):
         hkv = store.cfg.n_kv_heads
         tables = [store.tables[s] for s in step.seq_ids]
         rows = [self.resident_pages(t, layer) for t in tables]
-        bt, lens = pack_tables(rows, [t.n_tokens for t in tables], store.page_size, hkv, q.device)
-        out, _ = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, store.page_size)
+        bt, lens, host = pack_tables(rows, [t.n_tokens for t in tables], store.page_size, hkv, q.device)
+        out, _ = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, store.page_size, host)
         return out

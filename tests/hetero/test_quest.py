@@ -42,10 +42,10 @@ def test_quest_decode_attention_equals_the_top_pages_oracle_step_after_step():
     slots = store.slots(0, 0, N)
     for layer in range(2):
         store.write(slots[layer], k[layer], v[layer])
-    table.n_tokens, table.settled = N, N // PS - 2
+    table.n_tokens, table.settled, table.sink_pages = N, N // PS - 2, policy.sink_pages(PS)
     for layer in range(2):
         store.offload(0, layer, list(range(1, table.settled)))
-    step = DecodeStep(store, [0], torch.full((1, 2), N, dtype=torch.int32), 0.5)
+    step = DecodeStep(store, [0], [N], torch.full((1, 2), N, dtype=torch.int32), 0.5)
     for _ in range(4):  # new queries pick new pages: some stay in the head cache, some not
         q = torch.randn(1, 4, 4)
         for layer in range(2):

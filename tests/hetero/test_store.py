@@ -78,17 +78,23 @@ def test_fetch_heads_holds_each_heads_pages_in_shared_pages_and_copies_only_new_
 
     h2d = store.memory_report().h2d_bytes
     picks = [[1, 2], [4, 5]]
-    picked = store.fetch_heads(0, 1, picks, resident)
+    picked = store.fetch_heads(0, 1, torch.tensor(picks), resident)
     check(picked, picks)
     assert (store.cache_hits, store.cache_misses) == (0, 4)
     head_page = PAGE_BYTES // 2  # K and V of one page of one head
     assert store.memory_report().h2d_bytes - h2d == 4 * head_page
     picks = [[3, 1], [4, 5]]  # head 0 swaps page 2 for 3; head 1 keeps both
-    again = store.fetch_heads(0, 1, picks, resident)
+    again = store.fetch_heads(0, 1, torch.tensor(picks), resident)
     assert again == picked  # the same device pages
     check(again, picks)
     assert (store.cache_hits, store.cache_misses) == (3, 5)
     assert store.memory_report().h2d_bytes - h2d == 5 * head_page  # only the new pick crossed
+    picks = [[5, 2], [1, 3]]  # head 0 swaps both; head 1 swaps both, for pages head 0 held
+    assert store.fetch_heads(0, 1, torch.tensor(picks), resident) == picked
+    check(picked, picks)
+    assert (store.cache_hits, store.cache_misses) == (3, 9)
+    assert store.fetch_heads(0, 1, torch.tensor([[2, 5], [3, 1]]), resident) == picked  # all held
+    assert (store.cache_hits, store.cache_misses) == (7, 9)
     used = store.allocator.n_used
     store.release(0)
     assert used > 0 and store.allocator.n_used == 0

@@ -1068,11 +1068,12 @@ def offload_roundtrip(ctx, busy: bool, dtype_name: str = "float32"):
     resident_tok_pages = [0, last]
     if busy:
         _busy_compute(ctx)
-    picked = store.fetch_heads(0, 0, picks, [table.layers[0][i] for i in resident_tok_pages])
+    picked = store.fetch_heads(0, 0, torch.tensor(picks, device=store.kv.device),
+                               [table.layers[0][i] for i in resident_tok_pages])
     pk = store.k.view(hkv, -1, PS, d)[:, picked].cpu()  # [Hkv, n_pick + 2, PS, D]
     pv = store.v.view(hkv, -1, PS, d)[:, picked].cpu()
     heads_bad = 0
-    held = table.heads[0].held  # per KV head, the offloaded page in each of the first n_pick device pages
+    held = table.heads[0].held.tolist()  # per KV head, the offloaded page in each of the first n_pick device pages
     for h in range(hkv):
         if sorted(held[h]) != sorted(picks[h]):
             heads_bad += 1

@@ -1,0 +1,88 @@
+"""A decode step reads nothing back from the device inside its layer loop: every policy
+plans from host-side state and launches kernels (counted on the CPU, where each such read
+would be a synchronisation on a GPU)."""
+
+import threading
+
+import pytest
+import torch
+
+from hetero import LLM, SamplingParams
+
+TEXT = open("/usr/share/common-licenses/Apache-2.0").read()[:2000]
+READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+
+class HostReads:
+    """Counts reads of tensor values into Python (``.item()``, ``.tolist()``, ``.cpu()``,
+    ``int(t)``, ``bool(t)``, ...) made by this thread while a transformer block runs during
+    ``Engine.decode``."""
+
+    def __init__(self, llm, monkeypatch):
+        self.count, self.where, self._in_block, self._decoding = 0, [], False, False
+        main = threading.get_ident()
+        for name in READS:
+            real = getattr(torch.Tensor, name)
+
+            def spy(t, *args, _real=real, _name=name, **kwargs):
+                if self._in_block and self._decoding and threading.get_ident() == main:
+                    self.count += 1
+                    self.where.append(_name)
+                return _real(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, spy)
+        decode = llm.engine.decode
+
+        def decoding(*args):
+            self._decoding = True
+            try:
+                return decode(*args)
+            finally:
+                self._decoding = False
+
+        monkeypatch.setattr(llm.engine, "decode", decoding)
+        for block in llm.model.blocks:
+            forward = block.forward
+
+            def inside(*args, _forward=forward):
+                self._in_block = True
+                try:
+                    return _forward(*args)
+                finally:
+                    self._in_block = False
+
+            monkeypatch.setattr(block, "forward", inside)
+
+
+POLICIES = [
+    ("dense", {}, "8MiB"),  # in place
+    ("dense", {"n_sink": 4, "n_local": 16, "stream_pages": 8}, "96KiB"),  # offloaded, streamed back
+    ("streaming", {"n_sink": 4, "n_local": 16}, "8MiB"),
+    ("quest", {"n_sink": 4, "n_local": 16, "token_budget": 48, "dense_layers": 1}, "8MiB"),
+    ("magicpig", {"n_sink": 4, "n_local": 16, "lsh_k": 4, "lsh_l": 8, "dense_layers": 1}, "8MiB"),
+]
+
+
+@pytest.mark.parametrize("policy, params, budget", POLICIES, ids=[f"{p[0]}-{i}" for i, p in enumerate(POLICIES)])
+def test_no_host_read_inside_the_layer_loop_of_a_decode_step(tiny_model_dir, monkeypatch, policy, params, budget):
+    llm = LLM(tiny_model_dir, device="cpu", page_size=4, prefill_chunk=32, policy=policy,
+              policy_params=params, device_kv_budget=budget)
+    reads = HostReads(llm, monkeypatch)
+    ids = llm.tokenizer(TEXT)["input_ids"][:300]
+    (out,) = llm.generate(ids, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert len(out.token_ids) == 12
+    if budget != "8MiB" or policy != "dense":  # the sequence offloaded: the offloaded path ran
+        assert out.stats.d2h_bytes > 0
+    if policy == "quest":
+        assert llm.memory_report()["cache_misses"] > 0  # picks were fetched into the head cache
+    assert reads.count == 0, reads.where
+
+
+def test_the_counter_sees_a_read(tiny_model_dir, monkeypatch):
+    llm = LLM(tiny_model_dir, device="cpu", device_kv_budget="8MiB")
+    reads = HostReads(llm, monkeypatch)
+    attend = type(llm.policy).attend_decode
+    monkeypatch.setattr(type(llm.policy), "attend_decode",
+                        lambda self, layer, q, step: attend(self, layer, q, step) + 0 * q.sum().item())
+    llm.generate("Hello there", SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert reads.count == 2 * 2 and reads.where == ["item"] * 4  # 2 steps x 2 layers
