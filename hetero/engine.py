@@ -201,5 +201,8 @@ class Engine:
         table = self.store.tables[seq_id]
         if not table.offload or layer < self.policy.dense_layers:
             return first
-        self.store.offload(seq_id, layer, list(range(first, settled)))
+        pages = list(range(first, settled))
+        k = self.store.offload(seq_id, layer, pages)
+        if k is not None:
+            self.policy.on_offload(self.store, seq_id, layer, pages, k)
         return max(first, settled)

@@ -72,10 +72,9 @@ class SeqPages:
     ``i*page_size ..`` of layer ``l``, or :data:`OFFLOADED`. ``n_tokens`` are written.
 
     With ``offload``, pages outside the resident set go to the host tier; the device keeps
-    their key metadata in ``meta[l]`` pages (slot ``j`` of meta page ``m`` describes page
-    ``m*page_size + j``), fetched copies for exact attention in the per-layer LRU
-    ``cache[l]`` (page index -> device page), and the pages sparse attention picked per KV
-    head in ``heads[l]``. ``ahead[l]`` are device pages set aside for the layer's later
+    fetched copies for exact attention in the per-layer LRU ``cache[l]`` (page index ->
+    device page); what a policy keeps of its own (quest's key bounds and head cache) it
+    holds itself. ``ahead[l]`` are device pages set aside for the layer's later
     tokens: a layer that never offloads gets its whole run at admission, so that attention
     reads it as one view however the other layers' pages interleave.
 
@@ -90,9 +89,7 @@ class SeqPages:
     offload: bool = False
     capacity: int = 0  # most tokens the sequence may reach
     layers: list[list[int]] = field(default_factory=list)
-    meta: list[list[int]] = field(default_factory=list)
     cache: list[OrderedDict] = field(default_factory=list)
-    heads: list = field(default_factory=list)  # per layer: the store's HeadSlots, or None
     ahead: list[list[int]] = field(default_factory=list)
     n_tokens: int = 0
     settled: int = 0  # pages before this one are offloaded or stay for good (sinks)
@@ -102,9 +99,7 @@ class SeqPages:
     def __post_init__(self):
         if not self.layers:
             self.layers = [[] for _ in range(self.n_layers)]
-            self.meta = [[] for _ in range(self.n_layers)]
             self.cache = [OrderedDict() for _ in range(self.n_layers)]
-            self.heads = [None] * self.n_layers
             self.ahead = [[] for _ in range(self.n_layers)]
 
     @property
@@ -125,8 +120,6 @@ class SeqPages:
         return max(0, -(-n_tokens // self.page_size) - self.n_pages)
 
     def on_device(self) -> list[int]:
-        """Every device page the sequence holds: KV, metadata and cached copies."""
+        """Every device page the sequence's tables hold: KV and cached copies."""
         kv = [p for pages in self.layers + self.ahead for p in pages if p != OFFLOADED]
-        cached = [p for c in self.cache for p in c.values()]
-        picked = [p for h in self.heads if h is not None for p in h.pages]
-        return kv + [p for m in self.meta for p in m] + cached + picked
+        return kv + [p for c in self.cache for p in c.values()]

@@ -40,24 +40,6 @@ class MemoryReport:
     cache_misses: int
 
 
-@dataclass(slots=True)
-class HeadSlots:
-    """One layer's cache of pages picked per KV head: in KV head ``h``, device page
-    ``pages[j]`` holds offloaded page ``held[h, j]`` of the layer (-1: nothing yet). Each
-    head holds its own pages in the same device pages, so attention reads them as one list.
-    ``held`` (int64 [Hkv, k]) and ``first`` (``pages[:k]``, int64 [k]) live on the device:
-    the picks that update them never come back to the host."""
-
-    pages: list[int]
-    held: Tensor
-    first: Tensor
-
-
-HEAD_CACHE_SPARE = 2
-"""Pages a layer's head cache holds beyond its first selection and resident copies: the
-window's page count varies by one or two from step to step."""
-
-
 class KVStore:
     """Device pool of KV pages under ``budget`` bytes, per-sequence page tables, host tier."""
 
@@ -176,38 +158,21 @@ class KVStore:
         self.device.host_sync()
         return self.host[seq_id]
 
-    def offload(self, seq_id: int, layer: int, page_idx: list[int]) -> None:
-        """Move full pages ``page_idx`` of one layer to the host tier, keeping their key
-        metadata (per-channel min and max per KV head) on the device."""
+    def offload(self, seq_id: int, layer: int, page_idx: list[int]) -> Tensor | None:
+        """Move full pages ``page_idx`` of one layer to the host tier and free their device
+        pages. Returns their keys [Hkv, n, page_size, D] (a device copy, for a policy that
+        keeps something of them on the device), or None if there were none."""
         if not page_idx:
-            return
-        table, ps = self.tables[seq_id], self.page_size
-        pages = table.layers[layer]
+            return None
+        pages = self.tables[seq_id].layers[layer]
         assert all(pages[i] != OFFLOADED for i in page_idx), "offloading a page twice"
         src = torch.tensor([pages[i] for i in page_idx], device=self.k.device)
         kv = self._pages(self.kv).index_select(1, src)  # [2 * Hkv, n, ps, D]
         self.device.to_host(self._pages(self.host[seq_id][layer]), kv, index=torch.tensor(page_idx))
-        k = kv[: self.cfg.n_kv_heads]
-        if not table.meta[layer]:  # one run for the whole sequence: scoring reads a view
-            table.meta[layer] = self._allocate(-(-table.capacity // ps // ps))
-        meta = torch.tensor([table.meta[layer][i // ps] * ps + i % ps for i in page_idx])
-        self.k.index_copy_(1, meta.to(self.k.device), k.amin(dim=2))
-        self.v.index_copy_(1, meta.to(self.k.device), k.amax(dim=2))
         self.allocator.free([pages[i] for i in page_idx])
         for i in page_idx:
             pages[i] = OFFLOADED
-
-    def key_bounds(self, seq_id: int, layer: int) -> tuple[Tensor, Tensor]:
-        """Per-page key min and max [Hkv, n_pages, D] of one layer (meaningful for
-        offloaded pages only)."""
-        table, ps = self.tables[seq_id], self.page_size
-        meta = table.meta[layer]
-        if meta[-1] - meta[0] == len(meta) - 1:  # contiguous (ids come sorted)
-            span = slice(meta[0] * ps, meta[0] * ps + table.n_pages)
-            return self.k[:, span], self.v[:, span]
-        index = torch.tensor(meta, device=self.k.device)
-        return tuple(self._pages(t).index_select(1, index).flatten(1, 2)[:, : table.n_pages]
-                     for t in (self.k, self.v))
+        return kv[: self.cfg.n_kv_heads]
 
     def fetch(self, seq_id: int, layer: int, page_idx: list[int], capacity: int) -> list[int]:
         """Device pages holding offloaded pages ``page_idx`` of one layer, through the
@@ -235,62 +200,34 @@ class KVStore:
             cache.update(zip(missing, pages))
         return [cache[i] for i in page_idx]
 
-    def fetch_heads(self, seq_id: int, layer: int, picks: Tensor, resident: list[int]) -> list[int]:
-        """Device pages holding what sparse attention reads of one layer, in token order: in
-        each KV head ``h`` the offloaded pages ``picks[h]`` (int64 [Hkv, k] on the device,
-        distinct within a head, in no particular order), then copies of the device pages
-        ``resident`` (sinks and window; the last may be partial).
+    def allocate(self, n: int) -> list[int]:
+        """``n`` device pages for a policy's own state (freed with :meth:`free`); raises
+        :class:`OutOfPages` past the budget."""
+        return self._allocate(n)
 
-        The pages are the layer's head cache, one run of device pages when the allocator
-        has one, so the CPU path reads them as one view and gathers nothing. A head keeps
-        the offloaded pages it holds and still wants where they are, and its new pages are
-        copied from the host tier into the slots of those it no longer wants: it pays for a
-        page only when it picks it anew. Which pages each head holds is device state
-        (``HeadSlots.held``), updated by tensor ops: the host never reads the picks (on the
-        CPU nothing is read back; on CUDA the masked copy waits for the count of misses).
-        The resident pages are copied on the device (no host traffic). Hits and misses
-        count pages of one KV head.
-        """
-        table, ps = self.tables[seq_id], self.page_size
-        hkv, k = picks.shape
-        slots = table.heads[layer]
-        if slots is None or slots.held.shape[1] != k or len(slots.pages) < k + len(resident):
-            if slots is not None:  # the selection grew, or the window: start afresh
-                self.allocator.free(slots.pages)
-            pages = self._allocate(k + len(resident) + HEAD_CACHE_SPARE)
-            held = torch.full((hkv, k), -1, dtype=torch.int64, device=picks.device)
-            slots = table.heads[layer] = HeadSlots(pages, held, torch.tensor(pages[:k], device=picks.device))
-        host = self.host[seq_id][layer]
-        n_host, n_pool = host.shape[2] // ps, self.kv.shape[2] // ps
-        # a page id past the host tier's stands for "nothing held"
-        held = torch.where(slots.held < 0, n_host, slots.held)
-        wanted = torch.zeros((hkv, n_host + 1), dtype=torch.bool, device=picks.device)
-        have = torch.zeros_like(wanted)
-        keep = wanted.scatter_(1, picks, True).gather(1, held)  # held pages still wanted
-        fresh = ~have.scatter_(1, held, True).gather(1, picks)  # picks not held
-        # pair each head's j-th fresh pick with its j-th free slot (as many of each)
-        new = picks.gather(1, torch.argsort((~fresh).to(torch.uint8), dim=1, stable=True))
-        free = torch.argsort(keep.to(torch.uint8), dim=1, stable=True)
-        valid = torch.arange(k, device=picks.device) < fresh.sum(1, keepdim=True)
-        slots.held.scatter_(1, free, torch.where(valid, new, slots.held.gather(1, free)))
-        heads = torch.arange(hkv, device=picks.device)[:, None]
-        src = (heads * n_host + new)[valid]  # rows of the [2 * Hkv * pages] views
-        dst = (heads * n_pool + slots.first[free])[valid]
-        n_miss = src.numel()
-        self.cache_hits += hkv * k - n_miss
-        self.cache_misses += n_miss
-        if n_miss:  # V's rows follow all of K's
-            src = torch.cat([src, src + hkv * n_host])
-            if src.is_cuda:  # the host gathers the rows: on CUDA it waits for their ids here
-                src = src.cpu()
-            dst = torch.cat([dst, dst + hkv * n_pool])
-            self.device.to_device(self._head_pages(self.kv),
-                                  self.device.host_gather(self._head_pages(host), 1, src), index=dst)
-        picked = slots.pages[: k + len(resident)]
-        pool = self._pages(self.kv)
-        copies = torch.tensor(picked[k:], device=self.kv.device)
-        pool.index_copy_(1, copies, pool.index_select(1, torch.tensor(resident, device=self.kv.device)))
-        return picked
+    def free(self, pages: list[int]) -> None:
+        self.allocator.free(pages)
+
+    def load_head_pages(self, seq_id: int, layer: int, heads: Tensor, src: Tensor, dst: Tensor) -> None:
+        """Copy K and V of KV head ``heads[i]`` of offloaded page ``src[i]`` of one layer from
+        the host tier into that head of device page ``dst[i]`` (int64 [n] each; the host
+        gathers the rows, so on CUDA ``src`` is read back)."""
+        ps, hkv = self.page_size, self.cfg.n_kv_heads
+        n_host, n_pool = self.host[seq_id].shape[3] // ps, self.kv.shape[2] // ps
+        rows = heads * n_host + src  # rows of the [2 * Hkv * pages] views; V's follow K's
+        rows = torch.cat([rows, rows + hkv * n_host])
+        if rows.is_cuda:
+            rows = rows.cpu()
+        dst = heads.to(dst.device) * n_pool + dst
+        self.device.to_device(self._head_pages(self.kv),
+                              self.device.host_gather(self._head_pages(self.host[seq_id][layer]), 1, rows),
+                              index=torch.cat([dst, dst + hkv * n_pool]))
+
+    def copy_pages(self, dst: list[int], src: list[int]) -> None:
+        """Copy device pages ``src`` onto device pages ``dst`` (all heads, K and V)."""
+        pool, device = self._pages(self.kv), self.kv.device
+        pool.index_copy_(1, torch.tensor(dst, device=device),
+                         pool.index_select(1, torch.tensor(src, device=device)))
 
     def drop_cache(self, seq_id: int, layer: int) -> None:
         """Free the page cache of one layer of ``seq_id`` (the host tier keeps the KV)."""

@@ -84,6 +84,11 @@ class Policy(ABC):
         """Pages of fetched (offloaded) KV a layer's page cache keeps between decode steps."""
         return 0
 
+    def offload_pages(self, n_pages: int, page_size: int) -> int:
+        """Device pages a layer keeps for its offloaded pages (``on_offload``) when a
+        sequence has ``n_pages`` per layer: none unless the policy keeps something of them."""
+        return 0
+
     def sink_pages(self, page_size: int) -> int:
         """Leading pages that hold the attention sinks."""
         return -(-self.n_sink // page_size)
@@ -131,18 +136,22 @@ class Policy(ABC):
         if stream_prefill:
             at_hand = share + chunk // page_size + 1 + self.stream_pages
         else:
-            at_hand = n_pages + -(-n_pages // page_size)
+            at_hand = n_pages + self.offload_pages(n_pages, page_size)
         return n_dense * n_pages + (cfg.n_layers - n_dense - 1) * share + at_hand
 
     def _layer_share(self, n_pages: int, page_size: int) -> int:
         """Device pages an offloaded layer keeps: sinks, the window (and the page that
-        leaves it, and a partial one), key metadata (one slot per page)."""
-        return self.sink_pages(page_size) + self.n_local // page_size + 2 + -(-n_pages // page_size)
+        leaves it, and a partial one), what the policy keeps of its offloaded pages."""
+        return self.sink_pages(page_size) + self.n_local // page_size + 2 + self.offload_pages(n_pages, page_size)
 
     # -- lifecycle hooks (no-ops unless a policy keeps state outside the store) ---------
 
     def bind(self, backend: CPUBackend, store: KVStore) -> None:
         """Called once by the facade with the execution backend (CPU workers) and the store."""
+
+    def on_offload(self, store: KVStore, seq_id: int, layer: int, page_idx: list[int], k: Tensor) -> None:
+        """Called by the engine as pages ``page_idx`` of one layer leave for the host tier,
+        with their keys ``k`` [Hkv, n, page_size, D] (a device copy; the pages are free)."""
 
     def on_prefill_layer_done(self, store: KVStore, seq_id: int, layer: int, settled: int) -> None:
         """Called by the engine as each layer finishes a prompt's last chunk, before the next

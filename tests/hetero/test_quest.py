@@ -1,5 +1,6 @@
 """Quest's decode attention against a torch oracle: each KV head attends over the sinks, its
-own top pages by the key-bound score, and the window, through the store's head cache."""
+own top pages by the key-bound score, and the window, through the policy's head cache; the
+policy keeps the key bounds of what leaves and frees its pages with the sequence."""
 
 import torch
 
@@ -8,6 +9,7 @@ from hetero.config import ModelConfig
 from hetero.device import Device
 from hetero.policies import DecodeStep
 from hetero.policies.quest import QuestPolicy
+from tests.hetero.test_store import PAGE_BYTES, _fill, _kv, _store
 
 CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, n_layers=2, n_heads=4,
                   n_kv_heads=2, head_dim=4)
@@ -43,8 +45,9 @@ def test_quest_decode_attention_equals_the_top_pages_oracle_step_after_step():
     for layer in range(2):
         store.write(slots[layer], k[layer], v[layer])
     table.n_tokens, table.settled, table.sink_pages = N, N // PS - 2, policy.sink_pages(PS)
-    for layer in range(2):
-        store.offload(0, layer, list(range(1, table.settled)))
+    for layer in range(2):  # as the engine does: the policy keeps the bounds of what leaves
+        pages = list(range(1, table.settled))
+        policy.on_offload(store, 0, layer, pages, store.offload(0, layer, pages))
     step = DecodeStep(store, [0], [N], torch.full((1, 2), N, dtype=torch.int32), 0.5)
     for _ in range(4):  # new queries pick new pages: some stay in the head cache, some not
         q = torch.randn(1, 4, 4)
@@ -56,3 +59,58 @@ def test_quest_decode_attention_equals_the_top_pages_oracle_step_after_step():
     head_cache = 3 + 3 + 2  # top pages, copies of the 3 resident pages, spare
     # per layer: 3 resident KV pages, 4 metadata pages (16 pages of 4 descriptors), the cache
     assert store.allocator.n_used == 2 * (3 + 4 + head_cache)
+    policy.on_release(0)  # the policy frees what it holds; the store, the KV
+    assert store.allocator.n_used == 2 * 3
+    store.release(0)
+    assert store.allocator.n_used == 0
+
+
+def test_head_cache_holds_each_heads_pages_in_shared_pages_and_copies_only_new_picks():
+    store = _store(pages=32)
+    _fill(store, 0, 32)  # 8 pages per layer
+    kv = _kv(store, 0)
+    pages_k = kv[1].view(2, 8, 4, 4)  # [Hkv, page, token, D]
+    policy = QuestPolicy(n_sink=4, n_local=8, token_budget=4 + 8 + 2 * 4, dense_layers=0)
+    policy.on_offload(store, 0, 1, [1, 2, 3, 4, 5], store.offload(0, 1, [1, 2, 3, 4, 5]))
+    kmin, kmax = policy.key_bounds(store, 0, 1)  # the bounds it kept
+    assert torch.equal(kmin[:, 1:6], pages_k[:, 1:6].amin(2))
+    assert torch.equal(kmax[:, 1:6], pages_k[:, 1:6].amax(2))
+    resident = [store.tables[0].layers[1][i] for i in (0, 6, 7)]
+
+    def check(picked, picks):
+        assert len(picked) == 2 + len(resident)
+        got = store.k.view(2, -1, 4, 4)[:, picked]  # [Hkv, page, token, D]
+        for h, want in enumerate(picks):  # each head holds its own picks, in some order
+            assert {_page_of(got[h, j], pages_k[h]) for j in range(2)} == set(want)
+        assert torch.equal(got[:, 2:], pages_k[:, [0, 6, 7]])  # then the resident pages, in order
+        assert torch.equal(store.v.view(2, -1, 4, 4)[:, picked[2:]], pages_k[:, [0, 6, 7]] + 100)
+
+    h2d = store.memory_report().h2d_bytes
+    picks = [[1, 2], [4, 5]]
+    picked = policy.fetch_heads(store, 0, 1, torch.tensor(picks), resident)
+    check(picked, picks)
+    assert (store.cache_hits, store.cache_misses) == (0, 4)
+    head_page = PAGE_BYTES // 2  # K and V of one page of one head
+    assert store.memory_report().h2d_bytes - h2d == 4 * head_page
+    picks = [[3, 1], [4, 5]]  # head 0 swaps page 2 for 3; head 1 keeps both
+    again = policy.fetch_heads(store, 0, 1, torch.tensor(picks), resident)
+    assert again == picked  # the same device pages
+    check(again, picks)
+    assert (store.cache_hits, store.cache_misses) == (3, 5)
+    assert store.memory_report().h2d_bytes - h2d == 5 * head_page  # only the new pick crossed
+    picks = [[5, 2], [1, 3]]  # head 0 swaps both; head 1 swaps both, for pages head 0 held
+    assert policy.fetch_heads(store, 0, 1, torch.tensor(picks), resident) == picked
+    check(picked, picks)
+    assert (store.cache_hits, store.cache_misses) == (3, 9)
+    assert policy.fetch_heads(store, 0, 1, torch.tensor([[2, 5], [3, 1]]), resident) == picked  # all held
+    assert (store.cache_hits, store.cache_misses) == (7, 9)
+    used = store.allocator.n_used
+    policy.on_release(0)
+    store.release(0)
+    assert used > 0 and store.allocator.n_used == 0
+
+
+def _page_of(block, pages):
+    """Index of the page of ``pages`` [n, ps, D] equal to ``block`` [ps, D]."""
+    (i,) = [i for i in range(len(pages)) if torch.equal(pages[i], block)]
+    return i

@@ -1011,6 +1011,7 @@ def offload_roundtrip(ctx, busy: bool, dtype_name: str = "float32"):
     from hetero.cache import KVStore
     from hetero.config import ModelConfig
     from hetero.device import Device
+    from hetero.policies.quest import QuestPolicy
 
     n_tok = 1024 if ctx.dry else 8192
     hkv, d = 2, 64
@@ -1068,12 +1069,13 @@ def offload_roundtrip(ctx, busy: bool, dtype_name: str = "float32"):
     resident_tok_pages = [0, last]
     if busy:
         _busy_compute(ctx)
-    picked = store.fetch_heads(0, 0, torch.tensor(picks, device=store.kv.device),
+    quest = QuestPolicy(n_sink=PS, n_local=PS, token_budget=2 * PS + n_pick * PS, dense_layers=0)
+    picked = quest.fetch_heads(store, 0, 0, torch.tensor(picks, device=store.kv.device),
                                [table.layers[0][i] for i in resident_tok_pages])
     pk = store.k.view(hkv, -1, PS, d)[:, picked].cpu()  # [Hkv, n_pick + 2, PS, D]
     pv = store.v.view(hkv, -1, PS, d)[:, picked].cpu()
     heads_bad = 0
-    held = table.heads[0].held.tolist()  # per KV head, the offloaded page in each of the first n_pick device pages
+    held = quest._seqs[0].heads[0].held.tolist()  # per KV head, the offloaded page in each of the first n_pick device pages
     for h in range(hkv):
         if sorted(held[h]) != sorted(picks[h]):
             heads_bad += 1
