@@ -22,7 +22,8 @@ PEER_NAMES = ("kvpress", "llamacpp")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    """Add the ``bench`` subcommand to ``hetero``'s subparsers."""
+    """Add the ``bench`` subcommand to ``hetero``'s subparsers (registered in pyproject.toml as
+    the entry point ``bench`` of the group ``hetero.commands``)."""
     b = sub.add_parser(
         "bench", help="benchmarks side by side with peers: JSON, report.md and PNG plots",
         description="Time and check hetero against HF transformers, kvpress and llama.cpp on "
@@ -45,6 +46,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="reuse the speed points an interrupted run timed (DIR/*.json and "
                         "DIR/points.jsonl, where each point is journaled as it is timed)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(run=run)
     return b
 
 

@@ -3,8 +3,10 @@
 The core (policies, engine) never imports ``orchestrator/``; it talks to this interface,
 which an orchestrator backend implements (``orchestrator.local.LocalBackend``: a thread pool
 in this process; ``orchestrator.ray_backend.RayBackend``: Ray actors, on this machine or a
-cluster). The facade (``hetero.llm``) creates the backend by name and hands it to the policy
-with ``Policy.bind``.
+cluster). Backends register themselves as entry points of the group ``hetero.backends``
+(``pyproject.toml``: name = factory); the facade (``hetero.llm``) looks one up by name
+(:func:`backend_factory`), checks its options before the model loads
+(:meth:`CPUBackend.check`), creates it and hands it to the policy with ``Policy.bind``.
 
 Calls are asynchronous: ``submit_*`` return a future at once, so the device computes its
 share of a layer's attention (the resident set) while a CPU worker computes the offloaded
@@ -14,12 +16,18 @@ share; the two ``(out, lse)`` partials merge exactly. A future's ``result`` rais
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import numpy as np
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: the registry is read by the CLI before torch loads
+    import numpy as np
+    from torch import Tensor
+
+BACKEND_GROUP = "hetero.backends"
 
 
 class Future(Protocol):
@@ -115,3 +123,46 @@ class CPUBackend(ABC):
 
     def close(self) -> None:
         """Stop the workers; the backend may not be used afterwards."""
+
+    @classmethod
+    def check(cls, options: dict[str, Any]) -> None:
+        """Check ``options`` (the constructor's keyword arguments) before the model loads,
+        cheaply: no worker starts, nothing is imported beyond the backend's module. Raises
+        ``ValueError`` or ``TypeError``. The default checks that each option is a parameter
+        of the constructor."""
+        params = inspect.signature(cls).parameters
+        unknown = sorted(set(options) - set(params))
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise TypeError(f"backend {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
+                            f"its options: {', '.join(params) or 'none'}")
+
+
+# -- the registry -------------------------------------------------------------------------
+
+
+def backend_names() -> list[str]:
+    """Names of the registered backends (entry points of the group ``hetero.backends``),
+    sorted; reading them imports no backend."""
+    return sorted({ep.name for ep in entry_points(group=BACKEND_GROUP)})
+
+
+def backend_factory(name: str) -> Callable[..., CPUBackend]:
+    """The factory (usually a :class:`CPUBackend` subclass) registered as ``name``: called
+    with the backend's options it returns the backend. Imports the backend's module."""
+    found = {ep.name: ep for ep in entry_points(group=BACKEND_GROUP)}
+    if name not in found:
+        if not found:
+            raise ValueError(f"unknown backend {name!r}: no backend is registered (entry points "
+                             f"{BACKEND_GROUP!r}); install the package: pip install -e .")
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(sorted(found))}")
+    return found[name].load()
+
+
+def check_backend(name: str, options: dict[str, Any]) -> Callable[..., CPUBackend]:
+    """Look ``name`` up and run its early check of ``options`` (its ``check`` attribute, if
+    it has one); returns the factory."""
+    factory = backend_factory(name)
+    check = getattr(factory, "check", None)
+    if check is not None:
+        check(options)
+    return factory

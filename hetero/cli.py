@@ -1,18 +1,22 @@
-"""The ``hetero`` command: ``generate``, ``info`` and ``bench`` (driven from ``bench/``).
+"""The ``hetero`` command: ``generate``, ``info``, and the subcommands other packages register
+as entry points of the group ``hetero.commands`` (``bench``, from ``bench/``).
 
 Results go to stdout (one JSON object with ``--json``); logs and progress go to stderr.
 A bad input exits 2 with one line, ``hetero: error: ...``; Ctrl-C at any point exits 130
 with ``hetero: interrupted``. Everything the command can check itself (arguments, prompt,
 sampling parameters) is checked before the model loads.
 
-The module imports only the standard library: torch and the model stack are imported
-inside :func:`main`, where a Ctrl-C during the imports ends the process at once
-(``_import_model_stack``) and a later one unwinds to ``main``'s handler.
+The module imports only the standard library (and ``hetero.backend``'s registry, which is
+as light): torch and the model stack are imported inside :func:`main`, where a Ctrl-C
+during the imports ends the process at once (``_import_model_stack``) and a later one
+unwinds to ``main``'s handler. The policies and their options come from the registry
+``hetero.policies.POLICIES``, imported once the arguments are parsed (or for ``--help``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +24,9 @@ import platform
 import signal
 import sys
 import threading
+from importlib.metadata import entry_points
+
+from hetero.backend import backend_names
 
 logger = logging.getLogger("hetero")
 
@@ -29,43 +36,96 @@ USAGE_ERRORS = (ValueError, TypeError, OSError, ImportError)
 # worker that died: ``WorkerError`` is a RuntimeError) or from a bug: one line too, but
 # naming the exception's type so a bug does not pass for a bad flag; ``-v`` re-raises.
 SETUP_ERRORS = (RuntimeError, MemoryError, OverflowError)
+COMMAND_GROUP = "hetero.commands"  # entry points: name = add_parser(subparsers), see _parser
+# Today's dedicated policy flags, aliases of --policy-param NAME=VALUE.
+POLICY_FLAGS = {"--token-budget": "token_budget", "--lsh-k": "lsh_k", "--lsh-l": "lsh_l",
+                "--n-sink": "n_sink", "--n-local": "n_local", "--dense-layers": "dense_layers"}
 
 
 class _Parser(argparse.ArgumentParser):
-    """Argument errors as one line (not usage + message), still exit status 2."""
+    """Argument errors as one line (not usage + message), still exit status 2; the help of
+    a command with ``--policy`` lists the registered policies and their options."""
 
     def error(self, message: str):
         self.exit(2, f"hetero: error: {_one_line(message)} (see '{self.prog} --help')\n")
+
+    def format_help(self) -> str:
+        policy = next((a for a in self._actions if a.dest == "policy"), None)
+        if policy is not None:
+            _import_model_stack()
+            from hetero.policies import POLICIES
+
+            policy.choices = list(POLICIES)
+            self.epilog = _policies_help(POLICIES)
+        return super().format_help()
+
+
+class _PolicyFlag(argparse.Action):
+    """A dedicated flag, ``--n-sink N``: appends ``("n_sink", "N")`` to ``--policy-param``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        pairs = list(getattr(namespace, self.dest) or [])
+        setattr(namespace, self.dest, [*pairs, (POLICY_FLAGS[option_string], str(values))])
+
+
+def _name_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
-    p.add_argument("--policy", default="dense", help="dense | streaming | quest | magicpig (default: dense)")
+    p.add_argument("--policy", default="dense", help="decode-attention policy (default: dense); the "
+                   "policies and their options are listed below")
+    p.add_argument("--policy-param", action="append", default=[], type=_name_value,
+                   metavar="NAME=VALUE", help="an option of the policy (repeatable), e.g. token_budget=512")
     p.add_argument("--device-kv-budget", default=None, metavar="SIZE", help="device KV memory, e.g. 64MiB, 2GiB or bytes")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (power of two)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per prefill step (default: 1024 on the CPU, 4096 on CUDA)")
-    p.add_argument("--token-budget", type=int, default=None, help="quest: tokens attended per step")
-    p.add_argument("--lsh-k", type=int, default=None, help="magicpig: SimHash bits per table (default 8)")
-    p.add_argument("--lsh-l", type=int, default=None, help="magicpig: hash tables (default 75)")
-    p.add_argument("--n-sink", type=int, default=None, help="attention-sink tokens kept on the device")
-    p.add_argument("--n-local", type=int, default=None, help="local-window tokens kept on the device")
-    p.add_argument("--dense-layers", type=int, default=None, help="first layers kept exact (sparse policies)")
+    for flag, name in POLICY_FLAGS.items():
+        p.add_argument(flag, type=int, action=_PolicyFlag, dest="policy_param", metavar="N",
+                       help=f"--policy-param {name}=N")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's trained context)")
-    p.add_argument("--backend", default="local", choices=["local", "ray"],
-                   help="where CPU workers run: local (threads) or ray (actors; default: a local Ray instance)")
+    p.add_argument("--backend", default="local", choices=backend_names(),
+                   help="where CPU workers run: a backend registered under the entry points "
+                   "hetero.backends (default: local, threads in this process)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="with --backend ray: join this cluster (host:port of the head, or auto)")
 
 
+def _policies_help(policies: dict) -> str:
+    """The epilog of ``--help``: each policy of the registry with its options and defaults."""
+    width = max(map(len, policies))
+    lines = ["policies (hetero.policies.POLICIES) and their options (--policy-param NAME=VALUE):"]
+    for name, cls in policies.items():
+        opts = []
+        for f in _policy_options(cls).values():
+            if f.default is not dataclasses.MISSING:
+                opts.append(f"{f.name}={f.default!r}")
+            else:
+                opts.append(f"{f.name} ({_type_name(f.type)})")
+        lines.append(f"  {name:<{width}}  {' '.join(opts) or '(none)'}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The parser: the built-in commands, then those registered under ``hetero.commands``.
+
+    Such an entry point is a function ``add_parser(subparsers)`` that adds the command (named
+    as the entry point) and sets its ``run`` default to a function of the parsed arguments.
+    """
     ap = _Parser(prog="hetero", description="Long-context LLM inference on CPU and GPU.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter  # keeps the policies' epilog as it is laid out
 
-    g = sub.add_parser("generate", help="generate text for one prompt")
+    g = sub.add_parser("generate", help="generate text for one prompt", formatter_class=raw)
+    g.set_defaults(run=_generate)
     _add_model_args(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
@@ -79,13 +139,31 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    i = sub.add_parser("info", help="device, dtype, model, budget and versions")
+    i = sub.add_parser("info", help="device, dtype, model, budget and versions", formatter_class=raw)
+    i.set_defaults(run=_info)
     _add_model_args(i)
 
-    from bench.cli import add_parser as add_bench_parser
-
-    add_bench_parser(sub)
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name):
+        if ep.name in sub.choices:
+            continue
+        try:
+            add_parser = ep.load()
+        except Exception as e:  # a broken command fails when it is used, not every command
+            # no prefix characters: every argument is taken as it comes, none is refused
+            p = sub.add_parser(ep.name, help=f"(cannot load: {_one_line(str(e))})",
+                               prefix_chars="\0", add_help=False)
+            p.add_argument("args", nargs="*")
+            p.set_defaults(run=_cannot_load(ep.name, e))
+        else:
+            add_parser(sub)
     return ap
+
+
+def _cannot_load(name: str, error: Exception):
+    def run(args):
+        raise ImportError(f"the {name!r} command cannot load: {type(error).__name__}: {error}")
+
+    return run
 
 
 def _import_model_stack() -> None:
@@ -115,14 +193,48 @@ def _import_model_stack() -> None:
 def _make_llm(args):
     from hetero import LLM
 
-    names = ("token_budget", "lsh_k", "lsh_l", "n_sink", "n_local", "dense_layers")
-    params = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     return LLM(
         model=args.model, device=args.device, dtype=args.dtype, policy=args.policy,
-        policy_params=params, device_kv_budget=args.device_kv_budget, page_size=args.page_size,
+        policy_params=_policy_params(args.policy, args.policy_param),
+        device_kv_budget=args.device_kv_budget, page_size=args.page_size,
         prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len, backend=args.backend,
         ray_address=args.ray_address,
     )
+
+
+def _policy_params(policy: str, pairs: list[tuple[str, str]]) -> dict:
+    """``--policy-param`` pairs (a later one wins) as the policy's parameters, each value
+    read by the type of its dataclass field: int, float, bool or str."""
+    from hetero.policies import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
+    options, params = _policy_options(POLICIES[policy]), {}
+    for name, text in pairs:
+        if name not in options:
+            raise ValueError(f"policy {policy!r} has no option {name!r}; its options: "
+                             f"{', '.join(options) or 'none'}")
+        kind = _type_name(options[name].type)
+        if kind not in _READERS:
+            raise ValueError(f"policy {policy!r}: option {name!r} ({kind}) cannot be set here")
+        try:
+            params[name] = _READERS[kind](text)
+        except (KeyError, ValueError):
+            raise ValueError(f"policy {policy!r}: {name} must be {kind}, got {text!r}") from None
+    return params
+
+
+def _policy_options(cls) -> dict[str, dataclasses.Field]:
+    """A policy's options: the public fields of its dataclass that ``__init__`` takes."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+
+def _type_name(annotation) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_READERS = {"int": int, "float": float, "str": str, "bool": lambda text: _BOOLS[text.strip().lower()]}
 
 
 def _read_prompt(args) -> str:
@@ -215,15 +327,6 @@ def _info_rows(args, llm) -> dict[str, str]:
     }
 
 
-def _bench(args) -> None:
-    from bench.cli import run
-
-    run(args)
-
-
-COMMANDS = {"generate": _generate, "info": _info, "bench": _bench}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``hetero`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
@@ -237,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
             format="%(levelname)s %(name)s: %(message)s",
         )
-        COMMANDS[args.command](args)
+        args.run(args)
     except KeyboardInterrupt:
         print("hetero: interrupted", file=sys.stderr)
         # CPython remembers a KeyboardInterrupt that left an exec() of a string (dataclasses

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from hetero.backend import CPUBackend, LSHSpec, WorkerError
 from orchestrator.lsh_worker import LSHWorker, Rows
-from orchestrator.ray_address import first_line, probe_gcs, split_address
+from orchestrator.ray_address import check_address, first_line, probe_gcs, split_address
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,12 @@ class RayBackend(CPUBackend):
         self._workers: list[_Worker] = []
         self._owner: dict[int, _Worker] = {}
         self._sent: dict[tuple[int, int], _Sent] = {}
+
+    @classmethod
+    def check(cls, options: dict[str, Any]) -> None:
+        """The registry's early check: the address's syntax, before the model loads."""
+        super().check(options)
+        check_address(options.get("address"))
 
     @property
     def workers(self) -> list[_Worker]:

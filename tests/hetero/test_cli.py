@@ -181,6 +181,31 @@ def test_bad_llm_arguments_fail_before_the_checkpoint_loads(no_checkpoint, capsy
     assert match in _the_line(capsys)
 
 
+def test_dedicated_policy_flags_are_aliases_of_policy_param():
+    args = hetero.cli._parser().parse_args(
+        ["generate", "--prompt", "x", "--policy", "quest", "--n-sink", "8", "--policy-param",
+         "n_local=16", "--token-budget", "64", "--policy-param", "n_sink=4"])
+    assert args.policy_param == [("n_sink", "8"), ("n_local", "16"), ("token_budget", "64"), ("n_sink", "4")]
+    # values read by the type of the dataclass field; a later one wins
+    assert hetero.cli._policy_params(args.policy, args.policy_param) == {
+        "n_sink": 4, "n_local": 16, "token_budget": 64}
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--token-budget", "64"], "policy 'dense' has no option 'token_budget'; its options: "
+                                   "n_sink, n_local, dense_layers, stream_pages"),
+        (["--policy", "quest", "--policy-param", "token_budget=lots"],
+         "policy 'quest': token_budget must be int, got 'lots'"),
+        (["--policy", "magic"], "unknown policy 'magic'; choose one of"),
+    ],
+)
+def test_bad_policy_options_fail_before_the_checkpoint_loads(no_checkpoint, capsys, argv, match):
+    assert main(["generate", "--prompt", "x", "--device", "cpu", *argv]) == 2
+    assert match in _the_line(capsys)
+
+
 @pytest.mark.parametrize(
     "exc",
     [RuntimeError("CUDA out of memory.\nTried to allocate 64.00 GiB"), MemoryError(),
@@ -213,6 +238,8 @@ def test_a_bug_is_not_dressed_as_a_usage_error(monkeypatch):
         (["generate", "--prompt", "x", "--seed", "abc"], "--seed: invalid int value"),
         (["generate"], "one of the arguments --prompt --prompt-file is required"),
         ([], "required: command"),
+        (["generate", "--prompt", "x", "--policy-param", "n_sink"], "expected NAME=VALUE, got 'n_sink'"),
+        (["generate", "--prompt", "x", "--backend", "spark"], "invalid choice: 'spark'"),
     ],
 )
 def test_argument_errors_are_one_line(capsys, argv, match):

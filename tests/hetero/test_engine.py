@@ -24,7 +24,7 @@ def _llm(path, budget="8MiB", policy="dense", **params):
 
 
 def _prefill(llm, ids):
-    seq, _, _ = llm._place(len(ids))
+    seq, _, _ = llm.scheduler.place(len(ids))
     return seq, llm.engine.prefill(seq, ids)
 
 

@@ -111,7 +111,7 @@ def test_budget_too_small_for_the_batch_raises_and_frees(tiny_model_dir):
     "kwargs, match",
     [
         ({"policy": "nope"}, "unknown policy"),
-        ({"backend": "spark"}, "unknown backend"),
+        ({"backend": "spark"}, "unknown backend 'spark'; available: local, ray"),
         ({"dtype": "int8"}, "dtype"),
         ({"device": "tpu"}, "device"),
         ({"device_kv_budget": "lots"}, "size"),
@@ -121,6 +121,19 @@ def test_budget_too_small_for_the_batch_raises_and_frees(tiny_model_dir):
 def test_bad_llm_arguments(tiny_model_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
         LLM(tiny_model_dir, **kwargs)
+
+
+def test_the_facade_hands_its_parts_to_the_scheduler(llm):
+    s = llm.scheduler
+    assert (s.engine, s.store, s.policy, s.backend, s.tokenizer) == (
+        llm.engine, llm.store, llm.policy, llm.backend, llm.tokenizer)
+    assert llm.engine.store is llm.store and llm.eos_ids == s.eos_ids
+    real = llm.engine
+    try:
+        llm.engine = "wrapped"  # swapping the engine (a bench wraps it) reaches the scheduler
+        assert s.engine == "wrapped"
+    finally:
+        llm.engine = real
 
 
 def test_memory_report_and_context_manager(tiny_model_dir):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-import hetero.llm
+import hetero.scheduler
 from hetero import LLM, SamplingParams
 
 TEXT = open("/usr/share/common-licenses/Apache-2.0").read()[:3000]
@@ -81,7 +81,7 @@ def test_a_failing_generator_is_made_before_any_page(llm, monkeypatch):
     def broken(*args):
         raise RuntimeError("no generator")
 
-    monkeypatch.setattr(hetero.llm, "make_generator", broken)
+    monkeypatch.setattr(hetero.scheduler, "make_generator", broken)
     for _ in range(3):
         with pytest.raises(RuntimeError):
             llm.generate("Hello", SamplingParams(temperature=1.0, seed=1))
