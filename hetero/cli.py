@@ -100,15 +100,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _policies_help(policies: dict) -> str:
     """The epilog of ``--help``: each policy of the registry with its options and defaults."""
+    from hetero.policies import policy_options
+
     width = max(map(len, policies))
     lines = ["policies (hetero.policies.POLICIES) and their options (--policy-param NAME=VALUE):"]
     for name, cls in policies.items():
         opts = []
-        for f in _policy_options(cls).values():
+        for f in policy_options(cls).values():
             if f.default is not dataclasses.MISSING:
                 opts.append(f"{f.name}={f.default!r}")
             else:
-                opts.append(f"{f.name} ({_type_name(f.type)})")
+                opts.append(f"{f.name} ({f.type if isinstance(f.type, str) else f.type.__name__})")
         lines.append(f"  {name:<{width}}  {' '.join(opts) or '(none)'}")
     return "\n".join(lines)
 
@@ -192,49 +194,15 @@ def _import_model_stack() -> None:
 
 def _make_llm(args):
     from hetero import LLM
+    from hetero.policies import parse_policy_params
 
     return LLM(
         model=args.model, device=args.device, dtype=args.dtype, policy=args.policy,
-        policy_params=_policy_params(args.policy, args.policy_param),
+        policy_params=parse_policy_params(args.policy, args.policy_param),
         device_kv_budget=args.device_kv_budget, page_size=args.page_size,
         prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len, backend=args.backend,
         ray_address=args.ray_address,
     )
-
-
-def _policy_params(policy: str, pairs: list[tuple[str, str]]) -> dict:
-    """``--policy-param`` pairs (a later one wins) as the policy's parameters, each value
-    read by the type of its dataclass field: int, float, bool or str."""
-    from hetero.policies import POLICIES
-
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
-    options, params = _policy_options(POLICIES[policy]), {}
-    for name, text in pairs:
-        if name not in options:
-            raise ValueError(f"policy {policy!r} has no option {name!r}; its options: "
-                             f"{', '.join(options) or 'none'}")
-        kind = _type_name(options[name].type)
-        if kind not in _READERS:
-            raise ValueError(f"policy {policy!r}: option {name!r} ({kind}) cannot be set here")
-        try:
-            params[name] = _READERS[kind](text)
-        except (KeyError, ValueError):
-            raise ValueError(f"policy {policy!r}: {name} must be {kind}, got {text!r}") from None
-    return params
-
-
-def _policy_options(cls) -> dict[str, dataclasses.Field]:
-    """A policy's options: the public fields of its dataclass that ``__init__`` takes."""
-    return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
-
-
-def _type_name(annotation) -> str:
-    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-
-
-_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-_READERS = {"int": int, "float": float, "str": str, "bool": lambda text: _BOOLS[text.strip().lower()]}
 
 
 def _read_prompt(args) -> str:

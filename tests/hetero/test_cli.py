@@ -182,12 +182,14 @@ def test_bad_llm_arguments_fail_before_the_checkpoint_loads(no_checkpoint, capsy
 
 
 def test_dedicated_policy_flags_are_aliases_of_policy_param():
+    from hetero.policies import parse_policy_params
+
     args = hetero.cli._parser().parse_args(
         ["generate", "--prompt", "x", "--policy", "quest", "--n-sink", "8", "--policy-param",
          "n_local=16", "--token-budget", "64", "--policy-param", "n_sink=4"])
     assert args.policy_param == [("n_sink", "8"), ("n_local", "16"), ("token_budget", "64"), ("n_sink", "4")]
     # values read by the type of the dataclass field; a later one wins
-    assert hetero.cli._policy_params(args.policy, args.policy_param) == {
+    assert parse_policy_params(args.policy, args.policy_param) == {
         "n_sink": 4, "n_local": 16, "token_budget": 64}
 
 

@@ -15,7 +15,7 @@ import hetero.cli
 from hetero import LLM, SamplingParams
 from hetero.backend import CPUBackend, backend_factory, backend_names, check_backend
 from hetero.cli import main
-from hetero.policies import POLICIES, StreamingPolicy
+from hetero.policies import POLICIES, StreamingPolicy, register_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = {"hetero", "gpu_kernels", "cpu_kernels", "orchestrator", "bench", "tools", "tests", "examples"}
@@ -114,11 +114,19 @@ class ToyPolicy(StreamingPolicy):
 
 
 @pytest.fixture
-def toy(monkeypatch):
-    """ToyPolicy registered as "toy": inserted in the registry, nothing else changed."""
-    monkeypatch.setitem(POLICIES, "toy", ToyPolicy)
+def toy():
+    """ToyPolicy registered as "toy" (register_policy), nothing else changed."""
+    register_policy(ToyPolicy)
     ToyPolicy.made.clear()
-    return ToyPolicy
+    yield ToyPolicy
+    del POLICIES["toy"]
+
+
+def test_register_policy_refuses_a_taken_name_and_a_non_policy(toy):
+    with pytest.raises(ValueError, match="registered already"):
+        register_policy(type("Other", (StreamingPolicy,), {"name": "toy"}))
+    with pytest.raises(TypeError, match="Policy subclass"):
+        register_policy(int)
 
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 8
