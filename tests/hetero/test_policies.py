@@ -6,6 +6,7 @@ import torch
 
 from hetero import LLM, SamplingParams
 from hetero.policies import POLICIES, make_policy
+from hetero.policies.quest import QuestPolicy
 
 TEXT = open("/usr/share/common-licenses/Apache-2.0").read()[:1500]
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -52,6 +53,21 @@ def test_sparse_policies_that_cover_everything_equal_dense(tiny_model_dir, refer
     assert out.token_ids == ref.token_ids
     if policy == "quest":  # it would fetch back every page it offloads: it keeps them all
         assert out.stats.d2h_bytes == out.stats.h2d_bytes == out.stats.host_kv_bytes == 0
+
+
+@pytest.mark.parametrize("dense_layers", [0, 1])
+def test_quest_offloading_with_every_page_in_its_top_pages_equals_dense(tiny_model_dir, reference,
+                                                                        monkeypatch, dense_layers):
+    # forced to offload (it would keep such a sequence whole): the scoring, the head cache and
+    # the fetches run, and picking every offloaded page must give exact attention
+    ids, ref, _ = reference
+    monkeypatch.setattr(QuestPolicy, "offloads", lambda self, fits, n, ps: True)
+    llm = _llm(tiny_model_dir, "quest", n_sink=4, n_local=16, token_budget=4096, dense_layers=dense_layers)
+    (out,) = llm.generate(ids, GREEDY)
+    assert out.token_ids == ref.token_ids
+    s = out.stats
+    assert s.d2h_bytes > 0 and s.h2d_bytes > 0 and s.cache_hit_rate > 0.5
+    assert llm.store.allocator.n_used == 0
 
 
 def test_quest_offloads_once_its_top_pages_cannot_cover_the_offloadable_pages():
