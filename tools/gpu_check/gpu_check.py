@@ -1704,9 +1704,9 @@ def _offload_budget(cfg, params, policy, n_all, ps, chunk, itemsize, stream=Fals
     pol = make_policy(policy, **params)
     page_bytes = 2 * cfg.n_kv_heads * ps * cfg.head_dim * itemsize
     n_pages = -(-n_all // ps)
-    if stream:
-        pages = pol.steady_pages(cfg, n_all, ps) + chunk // ps + 1 + 2 * cfg.n_layers
-        assert pages < pol.steady_pages(cfg, n_all, ps) + n_pages, "the prompt is too short to stream"
+    if stream:  # exactly what a streamed prefill needs, less than a whole layer's
+        pages = pol.device_pages(cfg, n_all, ps, chunk, stream_prefill=True)
+        assert pages < pol.device_pages(cfg, n_all, ps, chunk), "the prompt is too short to stream"
         return pages * page_bytes
     need = pol.device_pages(cfg, n_all, ps, chunk)
     full_pages = cfg.n_layers * n_pages
@@ -1729,7 +1729,7 @@ def task_e3_offload(ctx):
     n_new = 8 if ctx.dry else 24
     ps = 16
     chunk = default_chunk(ctx.device)  # what prefill_chunk=None picks, for the budgets
-    stream_chunk = 256 if ctx.dry else 1024  # several chunks: the later ones stream prior KV
+    stream_chunk = 64 if ctx.dry else 1024  # several chunks: the later ones stream prior KV
     quest_params = {"token_budget": 256} if ctx.dry else {}  # the dry prompt is short: make quest offload
     # the dry prompt is short: dense's staging (stream_pages, 64 by default) would outweigh its KV
     dense_params = {"stream_pages": 16} if ctx.dry else {}
