@@ -7,6 +7,8 @@ errors do not compound and every policy sees the same hidden states. ``TopKOracl
 the same for oracle token top-k attention (the best any choice of k keys per head can do
 by score, the baseline of the MagicPIG paper), on a run that keeps the whole KV.
 
+``time_decode_steps`` records the wall time of each decode step.
+
 ``ForcedDecoder`` wraps the engine: decode steps are fed a given continuation instead of
 the sampled tokens (teacher forcing) and the log-probability of each next continuation
 token is recorded, so perplexity is measured through the policy's sparse decode attention
@@ -16,6 +18,7 @@ token is recorded, so perplexity is measured through the policy's sparse decode 
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 
 import torch
@@ -23,6 +26,21 @@ from torch import Tensor
 
 from hetero import LLM, SamplingParams
 from hetero.cache import OFFLOADED
+
+
+def time_decode_steps(llm: LLM) -> list[float]:
+    """Seconds of each ``Engine.decode`` call of ``llm`` from now on: the returned list grows
+    as the LLM decodes (clear it between runs)."""
+    steps, decode = [], llm.engine.decode
+
+    def timed(*args):
+        t = time.perf_counter()
+        out = decode(*args)
+        steps.append(time.perf_counter() - t)
+        return out
+
+    llm.engine.decode = timed
+    return steps
 from hetero.policies import DecodeStep, Policy, exact_attention
 
 

@@ -29,21 +29,13 @@ BACKENDS = ("local", "ray")
 def point(backend: str, context: int, new_tokens: int, batch: int = 1) -> dict:
     """Time one generation of ``batch`` prompts (different text each) in this process."""
     from bench.corpus import real_token_ids
+    from bench.probe import time_decode_steps
     from hetero import LLM, SamplingParams
 
     with LLM(device="cpu", policy="magicpig", backend=backend, device_kv_budget="256MiB",
              max_model_len=context + new_tokens + 16) as llm:
         ids = [real_token_ids(llm.tokenizer, context, offset=i * 997) for i in range(batch)]
-        steps = []
-        decode = llm.engine.decode
-
-        def timed(*args):
-            t = time.perf_counter()
-            out = decode(*args)
-            steps.append(time.perf_counter() - t)
-            return out
-
-        llm.engine.decode = timed
+        steps = time_decode_steps(llm)
         load = os.getloadavg()[0]
         out = llm.generate(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))[-1]
         row = {"backend": backend, "context": context, "batch": batch, "steps": len(steps),

@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from bench.plan import FULL
@@ -31,6 +30,7 @@ QUICK_POINTS = [("dense", 1024, 1), ("dense", 2048, 1), ("quest", 2048, 1)]
 
 def point(policy: str, n: int, repeats: int, new_tokens: int = 32) -> dict:
     from bench.corpus import real_token_ids
+    from bench.probe import time_decode_steps
     from hetero import LLM, SamplingParams
 
     system = hetero("dense") if policy == "dense" else hetero_sparse("quest", FULL.token_budget, FULL.dense_layers)
@@ -41,16 +41,7 @@ def point(policy: str, n: int, repeats: int, new_tokens: int = 32) -> dict:
     llm = LLM(device="cpu", policy=policy, policy_params=params, max_model_len=cap,
               device_kv_budget=device_kv_budget(system, FULL, cfg, cap))
     ids = real_token_ids(llm.tokenizer, n)
-    steps: list[float] = []
-    decode = llm.engine.decode
-
-    def timed(*args):
-        t = time.perf_counter()
-        out = decode(*args)
-        steps.append(time.perf_counter() - t)
-        return out
-
-    llm.engine.decode = timed
+    steps = time_decode_steps(llm)
     medians, offloaded = [], False
     for _ in range(repeats):
         steps.clear()

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
+
+def is_integer(x) -> bool:
+    """An integer (Python's or numpy's), not a bool: what every integer parameter accepts."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
 
 # HF ``model_type`` values whose checkpoints are plain Llama blocks (pre-norm, RoPE, SwiGLU,
 # GQA); Qwen2 adds q/k/v biases, which ``attention_bias`` covers.

@@ -127,10 +127,7 @@ class Device:
         """
         self.traffic.d2h_bytes += src.numel() * src.element_size()
         if self._stream is None:
-            if index is None:
-                dst.copy_(src)
-            else:
-                dst.index_copy_(1, index, src)
+            _put(dst, src, index)
             return
         assert dst.is_pinned(), "asynchronous device→host copies need pinned host memory"
         compute = torch.cuda.current_stream(self.device)
@@ -169,10 +166,7 @@ class Device:
         """
         self.traffic.h2d_bytes += src.numel() * src.element_size()
         if self._stream is None:
-            if index is None:
-                dst.copy_(src)
-            else:
-                dst.index_copy_(1, index, src)
+            _put(dst, src, index)
             return
         if not (src.is_pinned() and src.is_contiguous()):
             self.host_sync()
@@ -185,10 +179,15 @@ class Device:
         with torch.cuda.stream(self._stream):
             staged.copy_(src, non_blocking=True)  # the pinned block is held until it lands
         compute.wait_stream(self._stream)
-        if index is None:
-            dst.copy_(staged)
-        else:
-            dst.index_copy_(1, index.to(self.device, non_blocking=True), staged)
+        _put(dst, staged, index)
+
+
+def _put(dst: Tensor, src: Tensor, index: Tensor | None) -> None:
+    """``dst = src``, or ``dst[:, index] = src``, on ``dst``'s device (and stream)."""
+    if index is None:
+        dst.copy_(src)
+    else:
+        dst.index_copy_(1, index.to(dst.device, non_blocking=True), src)
 
 
 def _contiguous_pairs(dst: Tensor, src: Tensor, index: Tensor | None) -> list[tuple[Tensor, Tensor]]:

@@ -48,9 +48,7 @@ class Engine:
         A sequence that keeps its KV on the device is prefilled chunk by chunk through all
         layers; one that offloads, layer by layer (:meth:`_prefill_layers`).
         """
-        table = self.store.tables[seq_id]
-        table.sink_pages = self.policy.sink_pages(self.store.page_size)
-        if table.offload:
+        if self.store.tables[seq_id].offload:
             hidden = self._prefill_layers(seq_id, token_ids, progress)
         else:
             hidden = self._prefill_chunks(seq_id, token_ids, score, progress)

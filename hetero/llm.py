@@ -4,7 +4,6 @@ builds the parts (model, store, engine, policy, backend); ``hetero.scheduler`` r
 from __future__ import annotations
 
 import logging
-import numbers
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -12,6 +11,7 @@ import torch
 
 from hetero.backend import check_backend
 from hetero.cache import KVStore
+from hetero.config import is_integer
 from hetero.device import Device, check_kv_budget, default_kv_budget, parse_size, resolve_device
 from hetero.engine import Engine
 from hetero.loader import load_checkpoint
@@ -165,7 +165,7 @@ class LLM:
 
 
 def _check_int(name: str, value, least: int) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+    if not is_integer(value) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 

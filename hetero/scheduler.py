@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 
 from hetero.backend import CPUBackend
 from hetero.cache import OutOfPages
+from hetero.config import is_integer
 from hetero.device import format_size
 from hetero.engine import Engine
 from hetero.outputs import Detokenizer, LogprobsOutput, Output, RequestStats
@@ -125,7 +125,7 @@ class Scheduler:
     def encode(self, prompt: str | list[int], chat: bool) -> list[int]:
         """Token ids of a prompt (text, or token ids used as they are), checked against the
         vocabulary and the context limit."""
-        if isinstance(prompt, (list, tuple)) and prompt and all(_is_index(t) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and prompt and all(is_integer(t) for t in prompt):
             if chat:
                 raise ValueError("chat=True needs a text prompt, not token ids")
             ids = [int(t) for t in prompt]
@@ -245,7 +245,8 @@ class Scheduler:
                         "prefill streams the layer's offloaded KV back chunk by chunk", n)
         seq = next(self._ids)
         store.prepare(committed + need + extra)
-        store.admit(seq, n, offload, policy.dense_layers, stream_prefill=stream)  # dense layers' pages
+        store.admit(seq, n, offload, policy.dense_layers, stream_prefill=stream,  # dense layers' pages
+                    sink_pages=policy.sink_pages(ps))
         if offload:  # its other pages are taken as it runs: keep them promised
             return seq, need - (free - store.allocator.n_free), extra
         store.reserve(seq, n)  # taken now: n_free already counts them
@@ -330,11 +331,6 @@ class Scheduler:
         return Output(r.detok.text, r.output_ids, r.finish_reason, stats)
 
 
-def _is_index(x) -> bool:
-    """An integer (Python's or numpy's), not a bool."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _describe(x) -> str:
     return repr(x) if isinstance(x, str) else f"{type(x).__name__} {str(x)[:40]!r}"
 
@@ -345,7 +341,7 @@ def _prompt_list(prompts) -> list:
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, (list, tuple)):
-        if prompts and _is_index(prompts[0]):
+        if prompts and is_integer(prompts[0]):
             return [prompts]
         return list(prompts)
     raise TypeError(f"prompts must be a string, a list of token ids, or a list of those, got "

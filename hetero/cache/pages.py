@@ -93,7 +93,7 @@ class SeqPages:
     ahead: list[list[int]] = field(default_factory=list)
     n_tokens: int = 0
     settled: int = 0  # pages before this one are offloaded or stay for good (sinks)
-    sink_pages: int = 0  # leading pages that stay for good (the engine sets it)
+    sink_pages: int = 0  # leading pages that stay for good (the policy's, set at admission)
     stream_prefill: bool = False
 
     def __post_init__(self):

@@ -136,14 +136,14 @@ class KVStore:
     # -- host tier -----------------------------------------------------------------------
 
     def admit(self, seq_id: int, max_tokens: int, offload: bool, whole_layers: int = 0,
-              stream_prefill: bool = False) -> SeqPages:
+              stream_prefill: bool = False, sink_pages: int = 0) -> SeqPages:
         """Start a sequence of at most ``max_tokens`` tokens; with ``offload`` its host tier
         is allocated up front (pages outside the resident set will live there), and so are
         the device pages of its first ``whole_layers`` layers, which never offload: one
-        run each. ``stream_prefill``: see :class:`SeqPages`."""
+        run each. ``stream_prefill``, ``sink_pages``: see :class:`SeqPages`."""
         assert seq_id not in self.tables, f"sequence {seq_id} admitted twice"
         table = self.tables[seq_id] = SeqPages(self.page_size, self.cfg.n_layers, offload, max_tokens,
-                                               stream_prefill=stream_prefill)
+                                               sink_pages=sink_pages, stream_prefill=stream_prefill)
         if offload:
             cfg, n_pages = self.cfg, -(-max_tokens // self.page_size)
             for ahead in table.ahead[:whole_layers]:
