@@ -6,8 +6,8 @@ Where things are:
 - ``plan``: lengths, repeats and budgets of the full run and of ``--quick``.
 - ``systems``: what is compared, at which KV budget, and the job each worker gets.
 - ``session``: one run's model, machine, peers and the memo of timed points.
-- ``speed`` (decode, batch, prefill, memory) and ``fidelity``: the workloads.
-- ``probe``: attention-error and teacher-forcing probes inside a running ``LLM``.
+- ``speed`` (decode, batch, prefill, memory) and ``fidelity``: the workloads (``fidelity``
+  measures through ``hetero.probe`` and ``LLM.decode_logprobs``).
 - ``peers``: the peers' venvs (``bench/.peers/``) and the worker subprocess call.
 - ``workers/``: one script per system family, run in that family's environment.
 - ``results``, ``report``, ``findings``, ``plots``: the result schema and what is made of it.

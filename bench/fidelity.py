@@ -4,10 +4,10 @@ the sparse systems against exact attention, at several KV budgets.
 - needle: a passkey in ~1.3k tokens of real text (where the embedded model finds it with
   full attention), at several depths; accuracy per budget.
 - attention_error: relative error of each decode step's attention output against exact
-  attention over the whole KV (``bench.probe.AttentionProbe``; hetero only, the sparse
+  attention over the whole KV (``hetero.probe.AttentionProbe``; hetero only, the sparse
   layers only).
 - perplexity: teacher-forced perplexity of a real continuation through the system's decode
-  attention, and its delta against the same family's exact run (hetero dense for hetero,
+  attention (``LLM.decode_logprobs``), and its delta against the same family's exact run (hetero dense for hetero,
   HF without a press for kvpress).
 
 Budgets are ``plan.fractions`` of the context in hetero's sparse layers; a kvpress press
@@ -20,16 +20,23 @@ import math
 
 from bench import peers
 from bench.corpus import needle_cases
-from bench.probe import TopKOracle, forced_nll, probe_attention
 from bench.results import summary
 from bench.session import Session
 from bench.systems import System, hetero, hetero_llm_args, hetero_sparse, kv_share, kvpress
+from hetero.probe import TopKOracle, probe_attention
 
 SPARSE = ("quest", "streaming")
 ORACLE = System("oracle-topk", "hetero", "oracle token top-k (exact scores; a bound, not a runtime)",
                 {"policy": "dense"}, sparse=True)
 KVPRESS_EXACT = System("kvpress-none", "kvpress", "HF in the kvpress venv, no press (exact)",
                        {"press": None})
+
+
+def forced_nll(llm, context: list[int], continuation: list[int]) -> float:
+    """Mean negative log-likelihood (nats) of ``continuation[1:]`` after ``context``, every
+    token scored by a decode step through ``llm``'s policy (``LLM.decode_logprobs``)."""
+    logprobs = llm.decode_logprobs(context, continuation)
+    return -sum(logprobs) / len(logprobs)
 
 
 def _budget(fraction: float, n: int) -> int:
@@ -104,9 +111,9 @@ class _Fidelity:
             bar.set_postfix_str(f"attention error magicpig {n} tok")
             pig = _magicpig(plan)
             llm = self.llm(pig, n + steps + 16)
-            read0, _ = llm.backend.key_counts()
+            read0, _ = llm.policy.key_counts()
             probe = probe_attention(llm, ids, steps)
-            read = llm.backend.key_counts()[0] - read0
+            read = llm.policy.key_counts()[0] - read0
             calls = steps * (cfg.n_layers - plan.dense_layers)
             touched = round(probe.mean_resident(plan.dense_layers) + read / (cfg.n_heads * calls))
             llm.close()
@@ -117,7 +124,7 @@ class _Fidelity:
             fractions = {**{f: _budget(f, n) for f in plan.fractions}, touched / n: touched}
             bar.set_postfix_str(f"attention error oracle top-k {n} tok")
             llm = self.llm(hetero("dense"), n + steps + 16)
-            oracle = TopKOracle(llm.policy, sorted(set(fractions.values())), plan.dense_layers)
+            oracle = TopKOracle(sorted(set(fractions.values())), plan.dense_layers)
             probe_attention(llm, ids, steps, oracle)
             for f, budget in fractions.items():
                 self.error_row(ORACLE, n, f, oracle.step_errors(budget), keys_touched=budget)

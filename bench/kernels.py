@@ -53,33 +53,17 @@ def _call_bytes(st, q_codes: np.ndarray, counts: np.ndarray) -> int:
     return int(8 * hq * n_tables + 4 * (nxt - off).sum() + counts.sum() * (2 * d * 4 + 4))
 
 
-def kernel_rows(session: Session, n: int, bar) -> list[dict]:
-    """Time every recorded worker call of a magicpig run over ``n`` tokens of real text."""
+def _time_calls(backend, calls: list, host_tier) -> dict:
+    """Time ``lsh_attention`` on each recorded call, over the tables the workers hold, and
+    each layer's table build (one numba thread, as a worker runs)."""
     from cpu_kernels import lsh_attention
-    from hetero import LLM, SamplingParams
 
-    plan, steps = session.plan, session.plan.error_steps
-    system = hetero("magicpig", dense_layers=plan.dense_layers)
-    llm = LLM(device="cpu", **hetero_llm_args(system, plan, session.config, n + steps + 16))
-    backend, calls = llm.backend, []
-    submit, release = backend.submit_attend, backend.release
-
-    def record(layer, seq_ids, q, q_codes, his):
-        calls.extend((seq_id, layer, q[i].numpy().copy(), q_codes[i].numpy().copy())
-                     for i, seq_id in enumerate(seq_ids))
-        return submit(layer, seq_ids, q, q_codes, his)
-
-    backend.submit_attend, backend.release = record, lambda seq_id: None  # keep the tables
-    try:
-        llm.generate(session.text_ids(n), SamplingParams(max_new_tokens=steps + 1, ignore_eos=True))
-    finally:
-        backend.submit_attend, backend.release = submit, release
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     times, rates, shares, per_key = [], [], [], []
     try:
         for i, (seq_id, layer, q, q_codes) in enumerate(calls):
-            worker = backend._worker(layer)
+            worker = backend.worker(layer)
             st = worker.state[(seq_id, layer)]
             counts = np.empty(q.shape[0], dtype=np.int32)
             args = (q, q_codes, st.keys, st.values, st.norms, st.mean, st.tables, worker.scale,
@@ -95,14 +79,44 @@ def kernel_rows(session: Session, n: int, bar) -> list[dict]:
             per_key.append(st.nbytes / (st.keys.shape[0] * (st.hi - st.lo)))
         builds = []  # each sparse layer's tables again, as the prefill built them
         for seq_id, layer in sorted({(s, layer) for s, layer, _, _ in calls}):
-            worker = backend._worker(layer)
+            worker = backend.worker(layer)
             st = worker.state[(seq_id, layer)]
             t = time.perf_counter()
-            worker.build(seq_id, layer, st.keys, st.values, st.lo, st.hi)
+            worker.build(host_tier(seq_id, layer, st.keys, st.values, st.lo, st.hi))
             builds.append(1e3 * (time.perf_counter() - t))
     finally:
         numba.set_num_threads(threads)
+    return {"times": times, "rates": rates, "shares": shares, "per_key": per_key, "builds": builds}
+
+
+def kernel_rows(session: Session, n: int, bar) -> list[dict]:
+    """Time every recorded worker call of a magicpig run over ``n`` tokens of real text."""
+    from hetero import LLM, SamplingParams
+    from hetero.backend import HostTier
+    from hetero.probe import hooked
+
+    plan, steps = session.plan, session.plan.error_steps
+    system = hetero("magicpig", dense_layers=plan.dense_layers)
+    llm = LLM(device="cpu", **hetero_llm_args(system, plan, session.config, n + steps + 16))
+    policy, backend, calls = llm.policy, llm.backend, []
+    timed: dict = {}
+
+    def record(layer, q, step_plan, out):  # the queries the workers receive
+        if layer >= policy.dense_layers:
+            for b, seq_id in enumerate(step_plan.step.seq_ids):
+                codes = policy.hash(layer, q[b : b + 1].float())[0]
+                calls.append((seq_id, layer, q[b].float().numpy().copy(), codes.numpy().copy()))
+
+    def time_calls(_):  # after each step; the last one times, while the tables are live
+        if len(calls) == steps * (llm.config.n_layers - policy.dense_layers):
+            timed.update(_time_calls(backend, calls, HostTier))
+
+    try:
+        with hooked(llm.engine.attention_hooks, record), hooked(llm.engine.step_hooks, time_calls):
+            llm.generate(session.text_ids(n), SamplingParams(max_new_tokens=steps + 1, ignore_eos=True))
+    finally:
         llm.close()
+    times, rates, shares, per_key, builds = (timed[k] for k in ("times", "rates", "shares", "per_key", "builds"))
     bar.update()
     d = session.config.head_dim
     return [{"system": KERNEL.name, "test": "bandwidth", "context": n, "labels": [],

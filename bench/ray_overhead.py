@@ -7,9 +7,9 @@ the batch; a step decodes one token of each of ``--batch`` prompts).
 Every point runs in a fresh process (its own Ray instance for ``ray``), on the embedded
 model and real text, with ``OMP_WAIT_POLICY=PASSIVE`` unless ``--omp-wait`` says otherwise
 (spinning torch threads starve the actors: see ``orchestrator.ray_backend``). A step's time
-is the wall time of one ``Engine.decode`` call; the first two steps (which wait for the
-tables' builds) are left out of the median. The machine's load average is recorded with
-each point.
+is the wall time of one ``Engine.decode`` call (``hetero.probe.time_decode_steps``); the
+first two steps (which wait for the tables' builds) are left out of the median. The
+machine's load average is recorded with each point.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ BACKENDS = ("local", "ray")
 def point(backend: str, context: int, new_tokens: int, batch: int = 1) -> dict:
     """Time one generation of ``batch`` prompts (different text each) in this process."""
     from bench.corpus import real_token_ids
-    from bench.probe import time_decode_steps
     from hetero import LLM, SamplingParams
+    from hetero.probe import time_decode_steps
 
     with LLM(device="cpu", policy="magicpig", backend=backend, device_kv_budget="256MiB",
              max_model_len=context + new_tokens + 16) as llm:
         ids = [real_token_ids(llm.tokenizer, context, offset=i * 997) for i in range(batch)]
-        steps = time_decode_steps(llm)
         load = os.getloadavg()[0]
-        out = llm.generate(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))[-1]
+        with time_decode_steps(llm) as steps:
+            out = llm.generate(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))[-1]
         row = {"backend": backend, "context": context, "batch": batch, "steps": len(steps),
                "decode_ms_per_step": 1e3 * statistics.median(steps[2:]),
                "ttft_s": out.stats.ttft_s, "load_before": load, "load_after": os.getloadavg()[0],

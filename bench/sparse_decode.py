@@ -30,8 +30,8 @@ QUICK_POINTS = [("dense", 1024, 1), ("dense", 2048, 1), ("quest", 2048, 1)]
 
 def point(policy: str, n: int, repeats: int, new_tokens: int = 32) -> dict:
     from bench.corpus import real_token_ids
-    from bench.probe import time_decode_steps
     from hetero import LLM, SamplingParams
+    from hetero.probe import time_decode_steps
 
     system = hetero("dense") if policy == "dense" else hetero_sparse("quest", FULL.token_budget, FULL.dense_layers)
     cap = n + new_tokens + 16
@@ -41,15 +41,14 @@ def point(policy: str, n: int, repeats: int, new_tokens: int = 32) -> dict:
     llm = LLM(device="cpu", policy=policy, policy_params=params, max_model_len=cap,
               device_kv_budget=device_kv_budget(system, FULL, cfg, cap))
     ids = real_token_ids(llm.tokenizer, n)
-    steps = time_decode_steps(llm)
     medians, offloaded = [], False
-    for _ in range(repeats):
-        steps.clear()
-        (out,) = llm.generate(ids, SamplingParams(max_new_tokens=new_tokens + 1, ignore_eos=True))
-        medians.append(1e3 * statistics.median(steps[1:]))
-        offloaded = out.stats.host_kv_bytes > 0
-        print(f"{policy} {n}: {medians[-1]:.1f} ms/token (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
-    llm.close()
+    with llm, time_decode_steps(llm) as steps:
+        for _ in range(repeats):
+            steps.clear()
+            (out,) = llm.generate(ids, SamplingParams(max_new_tokens=new_tokens + 1, ignore_eos=True))
+            medians.append(1e3 * statistics.median(steps[1:]))
+            offloaded = out.stats.host_kv_bytes > 0
+            print(f"{policy} {n}: {medians[-1]:.1f} ms/token (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
     return {"policy": policy, "context": n, "repeats": repeats, "ms_per_token": medians,
             "median_ms": statistics.median(medians), "offloaded": offloaded}
 

@@ -1,4 +1,5 @@
-"""What the core asks of an execution backend: CPU attention over the offloaded KV.
+"""What the core asks of an execution backend: CPU workers, sharded by layer, that run named
+tasks.
 
 The core (policies, engine) never imports ``orchestrator/``; it talks to this interface,
 which an orchestrator backend implements (``orchestrator.local.LocalBackend``: a thread pool
@@ -8,20 +9,32 @@ cluster). Backends register themselves as entry points of the group ``hetero.bac
 (:func:`backend_factory`), checks its options before the model loads
 (:meth:`CPUBackend.check`), creates it and hands it to the policy with ``Policy.bind``.
 
-Calls are asynchronous: ``submit_*`` return a future at once, so the device computes its
-share of a layer's attention (the resident set) while a CPU worker computes the offloaded
-share; the two ``(out, lse)`` partials merge exactly. A future's ``result`` raises
-:class:`WorkerError` when the worker behind it failed.
+The interface knows nothing of what the workers compute. A policy that needs CPU workers
+describes them with a :class:`WorkerSpec` (a worker class, the layers to shard over, each
+layer's data and the constructor's arguments), starts them (:meth:`CPUBackend.start`) and
+submits named tasks to the worker that owns a layer (:meth:`CPUBackend.submit`): the backend
+calls ``worker.<task>(*args)`` there. MagicPIG's protocol (its tasks and their meaning) is
+``hetero.policies.lsh_protocol``; its worker is ``orchestrator.lsh_worker.LSHWorker``.
+
+Calls are asynchronous: ``submit`` returns a future at once, so the device computes its share
+of a layer's attention while a CPU worker computes another share. A future's ``result``
+raises :class:`WorkerError` when the worker behind it failed, or the task's own error.
+
+Host-tier data travels as :class:`HostTier` arguments: a worker in this process receives the
+object and reads the host tier in place; a worker in another process receives
+:class:`HostRows`, the rows of it the backend has not sent that worker before (each row goes
+once per worker).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 if TYPE_CHECKING:  # annotations only: the registry is read by the CLI before torch loads
     import numpy as np
@@ -38,26 +51,106 @@ class Future(Protocol):
     def done(self) -> bool: ...
 
 
+class Ready(Protocol):
+    """Something to wait for before a task reads its arguments (``Device.copy_event()``: the
+    device→host copies into them have landed)."""
+
+    def wait(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
-class LSHSpec:
-    """What CPU workers need to hash keys and sample them (MagicPIG).
+class WorkerSpec:
+    """The workers a backend starts: instances of one class, each serving a shard of
+    ``layers`` and constructed as ``worker({layer: per_layer[layer] for its layers}, *args,
+    **kwargs)``.
 
     Attributes
     ----------
-    k, l : bits per table and number of tables.
-    scale : softmax scale (``head_dim ** -0.5``).
-    projections : layer -> ``R`` [D, K*L] float32, the random Gaussian projection of the
-        layer; only the layers listed are served (the sparse ones).
+    worker : the worker class, or its importable path ``"module:Class"`` (imported where the
+        workers start: a Ray backend's actors import it by name, so the core need not import
+        the module that defines it).
+    per_layer : layer -> that layer's data; the layers listed are the ones served.
+    args, kwargs : the rest of the constructor's arguments, the same for every shard
+        (picklable, for workers in other processes).
+
+    A worker class's public methods are its tasks; it must have ``release(seq_id)``, which
+    drops what it keeps of a sequence.
     """
 
-    k: int
-    l: int
-    scale: float
-    projections: dict[int, np.ndarray]
+    worker: str | type
+    per_layer: Mapping[int, Any]
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
-        return sorted(self.projections)
+        return sorted(self.per_layer)
+
+    def worker_class(self) -> type:
+        """The worker class (imported if given by path)."""
+        if isinstance(self.worker, type):
+            return self.worker
+        module, sep, name = str(self.worker).partition(":")
+        if not sep or not module or not name:
+            raise ValueError(f"a worker class is named 'module:Class', got {self.worker!r}")
+        return getattr(importlib.import_module(module), name)
+
+    def shard_args(self, layers: list[int]) -> tuple[tuple, dict[str, Any]]:
+        """The constructor's arguments for the worker serving ``layers``."""
+        return ({layer: self.per_layer[layer] for layer in layers}, *self.args), dict(self.kwargs)
+
+    def shards(self, n: int) -> list[list[int]]:
+        """``layers`` dealt out to at most ``n`` workers (``i``-th served layer -> worker
+        ``i % n``), so neighbouring layers run on different workers."""
+        layers = self.layers
+        n = max(1, min(n, len(layers)))
+        return [layers[i::n] for i in range(n)]
+
+
+@dataclass(frozen=True, slots=True)
+class HostTier:
+    """Positions ``[start, stop)`` of one layer's host tier of one sequence, as a task
+    argument (alone or in a list).
+
+    ``keys``, ``values`` are ``[Hkv, capacity, D]`` CPU tensors indexed by token position
+    (views of the store's host tier: float32, bfloat16 or float16). A worker in this process
+    receives this object and reads the tensors in place (rows written later are there when
+    a later task reads them); a worker in another process receives :class:`HostRows`
+    instead. Positions before ``start`` are not read by the task.
+    """
+
+    seq_id: int
+    layer: int
+    keys: Tensor
+    values: Tensor
+    start: int
+    stop: int
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+
+class HostRows(NamedTuple):
+    """What a worker in another process receives for a :class:`HostTier` argument: the same
+    positions ``[start, stop)``, of which it is sent rows ``[first, stop)`` (the rest it
+    received with earlier tasks), for it to keep in its own copy of the host tier.
+
+    Attributes
+    ----------
+    keys, values : [Hkv, stop - first, D] float32 (a backend converts half-precision rows:
+        numpy has no bfloat16), possibly empty.
+    capacity : positions of the sequence's host tier (to allocate the copy at).
+    """
+
+    seq_id: int
+    layer: int
+    start: int
+    stop: int
+    first: int
+    keys: np.ndarray
+    values: np.ndarray
+    capacity: int
 
 
 class WorkerError(RuntimeError):
@@ -66,56 +159,43 @@ class WorkerError(RuntimeError):
 
 
 class CPUBackend(ABC):
-    """Runs CPU workers that hold LSH tables over the host tier and attend over it."""
+    """Runs CPU workers sharded by layer and the tasks submitted to them."""
 
     name: ClassVar[str]
+    # True if the workers run in this process: a task's arguments are passed by reference
+    # and a call costs no round trip (a client may then split a call, e.g. per sequence, to
+    # spread it over the pool); False if each call is a message to another process.
+    in_process: ClassVar[bool] = False
 
     @abstractmethod
-    def start_lsh(self, spec: LSHSpec) -> None:
-        """Create the workers that serve ``spec.layers`` (drops any earlier ones)."""
+    def start(self, spec: WorkerSpec) -> None:
+        """Create the workers of ``spec`` (drops any earlier ones)."""
 
     @abstractmethod
-    def submit_build(
-        self, seq_id: int, layer: int, keys: Tensor, values: Tensor, lo: int, hi: int
-    ) -> Future:
-        """Build (or rebuild) the tables of one layer of ``seq_id`` over key positions
-        ``[lo, hi)``.
+    def submit(self, layer: int, task: str, *args: Any, background: bool = False,
+               ready: Ready | None = None) -> Future:
+        """Run ``worker.<task>(*args)`` on the worker that owns ``layer``; the future's result
+        is the task's.
 
-        ``keys``, ``values`` are the layer's host tier, ``[Hkv, capacity, D]`` CPU tensors
-        (float32, bfloat16 or float16) indexed by token position, whose copies from the
-        device have landed; the backend keeps them and reads later positions from them as
-        they are offloaded (workers in the process read float32 in place and convert half
-        rows into a float32 copy, workers elsewhere receive float32 copies of the rows they
-        need). The future's result is None.
+        Tasks of one kind (``background`` or not) run in submission order per worker;
+        ``background`` tasks (builds, rebuilds) run apart from the others, so a task never
+        queues behind a background one. ``ready`` is waited for before the arguments are
+        read: on a pool thread by an in-process backend, just before the arguments are sent
+        by one whose workers are elsewhere. Raises ``ValueError`` at once if no worker
+        serves ``layer``.
         """
 
     @abstractmethod
-    def submit_attend(self, layer: int, seq_ids: list[int], q: Tensor, q_codes: Tensor,
-                      his: list[int]) -> Future:
-        """Attention of one layer for a batch: ``q[i]`` [Hq, D] (float32, CPU) with codes
-        ``q_codes[i]`` [Hq, L] over the offloaded positions ``[lo, his[i])`` of sequence
-        ``seq_ids[i]``, sampled where its tables reach, exact beyond. One call per layer and
-        step for the whole batch. The future's result is ``(out [n, Hq, D] float32, lse
-        [n, Hq] float32)``, CPU tensors (``lse = -inf`` and ``out = 0`` where nothing is
-        offloaded).
-
-        Waits for a sequence's first build of the layer if it is still running.
-        """
+    def call_all(self, task: str, *args: Any) -> list[Any]:
+        """``worker.<task>(*args)`` on every live worker, waited for: their answers (a
+        worker that fails is logged and left out; these are bookkeeping calls, made while a
+        failed request is cleaned up too)."""
 
     @abstractmethod
     def release(self, seq_id: int) -> None:
-        """Drop every table of ``seq_id`` (after its pending builds finish)."""
-
-    @abstractmethod
-    def table_bytes(self, seq_id: int | None = None) -> dict[int, int]:
-        """Bytes of LSH state (tables, key norms, centres) per layer, of one sequence or
-        of all."""
-
-    @abstractmethod
-    def key_counts(self) -> tuple[int, int]:
-        """Keys read by the workers' attention calls (sampled candidates and exact tail),
-        and offloaded keys they could have read; both summed over query heads and calls
-        since the backend started."""
+        """``worker.release(seq_id)`` on every worker, after the background tasks submitted
+        before; drop what the backend keeps of the sequence (rows sent). A worker that fails
+        here is logged, not raised: release runs when a request ends, failed or not."""
 
     def describe(self) -> str:
         """One line for ``hetero info``: the backend and where its workers run."""

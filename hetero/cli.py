@@ -252,7 +252,8 @@ def _generate(args) -> None:
         f"host KV {format_size(s.host_kv_bytes)}; h2d {format_size(s.h2d_bytes)}, "
         f"d2h {format_size(s.d2h_bytes)}; per decoded token h2d "
         f"{format_size(int(s.h2d_bytes_per_token))}; page-cache hits {s.cache_hit_rate:.0%}"
-        + (f"; LSH tables {format_size(s.lsh_table_bytes)}" if s.lsh_table_bytes else "") + "]",
+        + "".join(f"; {name} {format_size(v) if name.endswith('_bytes') else v}"
+                  for name, v in s.policy.items() if isinstance(v, (int, float))) + "]",
         file=sys.stderr,
     )
 

@@ -9,7 +9,6 @@ its events, pinned host memory, non-blocking copies) stay in this module.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import psutil
 import torch
@@ -76,12 +75,42 @@ def check_kv_budget(budget: int, device: torch.device) -> None:
                          f"{format_size(total // 4)}, or leave it unset for a default share")
 
 
-@dataclass(slots=True)
+class Counter:
+    """A cumulative count that work on the device can add to without the host waiting: a
+    count known only on the device (0-dim tensor) is summed there and read back when the
+    total is read (at a request's end, never inside a decode step)."""
+
+    __slots__ = ("_host", "_device")
+
+    def __init__(self):
+        self._host, self._device = 0, None
+
+    def add(self, n: int | Tensor) -> None:
+        if isinstance(n, Tensor):
+            self._device = n.to(torch.int64) if self._device is None else self._device + n
+        else:
+            self._host += n
+
+    @property
+    def value(self) -> int:
+        return self._host + (0 if self._device is None else int(self._device))
+
+
 class Traffic:
     """Bytes moved between host and device (cumulative)."""
 
-    h2d_bytes: int = 0
-    d2h_bytes: int = 0
+    __slots__ = ("h2d", "d2h")
+
+    def __init__(self):
+        self.h2d, self.d2h = Counter(), Counter()
+
+    @property
+    def h2d_bytes(self) -> int:
+        return self.h2d.value
+
+    @property
+    def d2h_bytes(self) -> int:
+        return self.d2h.value
 
 
 class Device:
@@ -119,13 +148,24 @@ class Device:
         """Host memory; pinned when a GPU is present so copies can be asynchronous."""
         return torch.empty(shape, dtype=dtype, pin_memory=self.is_cuda)
 
+    def tensor(self, data, dtype: torch.dtype) -> Tensor:
+        """A device tensor of host ``data`` (nested lists of numbers, or a CPU tensor) whose
+        copy the host does not wait for: on CUDA it is staged in pinned memory and copied
+        without blocking on the compute stream (``torch.tensor(data, device="cuda")`` would
+        synchronise with the stream). Small metadata (page tables, slots, positions), not
+        counted as KV traffic."""
+        t = data.to(dtype) if isinstance(data, Tensor) else torch.tensor(data, dtype=dtype)
+        if self._stream is None:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def to_host(self, dst: Tensor, src: Tensor, index: Tensor | None = None) -> None:
         """Copy device ``src`` into host ``dst`` (at indices ``index`` of dim 1) and count it.
 
         On CUDA ``dst`` must be pinned and the copy is asynchronous: call :meth:`host_sync`
         before the CPU reads ``dst``.
         """
-        self.traffic.d2h_bytes += src.numel() * src.element_size()
+        self.traffic.d2h.add(src.numel() * src.element_size())
         if self._stream is None:
             _put(dst, src, index)
             return
@@ -146,6 +186,18 @@ class Device:
         if self._landed is not None:
             self._landed.synchronize()
 
+    def copy_event(self) -> CopyEvent:
+        """The device→host copies issued so far, for a CPU reader on another thread (or a
+        sender about to ship the data) to wait for with ``wait()``: the caller does not wait
+        as with :meth:`host_sync`. A no-op on the CPU."""
+        return CopyEvent(self._landed)
+
+    def wait_host_copies(self) -> None:
+        """Make the compute stream wait (on the device, the host does not) for the
+        device→host copies issued so far, before a kernel reads host memory directly."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+
     def host_gather(self, src: Tensor, dim: int, index: Tensor) -> Tensor:
         """``src.index_select(dim, index)`` of a host tensor (by the CPU), into pinned memory
         on CUDA, after the device→host copies into ``src`` have landed."""
@@ -164,7 +216,7 @@ class Device:
         pinned memory first if it is not) and the compute stream waits for it: work queued
         on the compute stream afterwards sees ``dst`` written.
         """
-        self.traffic.h2d_bytes += src.numel() * src.element_size()
+        self.traffic.h2d.add(src.numel() * src.element_size())
         if self._stream is None:
             _put(dst, src, index)
             return
@@ -182,11 +234,27 @@ class Device:
         _put(dst, staged, index)
 
 
+class CopyEvent:
+    """:meth:`Device.copy_event`: ``wait()`` blocks until the copies it stands for have
+    landed (a CUDA event's ``synchronize``; nothing to wait for on the CPU)."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self, event: torch.cuda.Event | None):
+        self._event = event
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+
 def _put(dst: Tensor, src: Tensor, index: Tensor | None) -> None:
     """``dst = src``, or ``dst[:, index] = src``, on ``dst``'s device (and stream)."""
     if index is None:
         dst.copy_(src)
     else:
+        if dst.is_cuda and not index.is_cuda:
+            index = index.pin_memory()  # a copy from pageable memory would wait for the stream
         dst.index_copy_(1, index.to(dst.device, non_blocking=True), src)
 
 

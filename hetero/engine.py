@@ -8,6 +8,7 @@ an ``attend`` closure, so the model never sees the cache or the policy.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -16,10 +17,20 @@ from torch import Tensor
 from gpu_kernels import prefill_attention
 from hetero.cache import KVStore
 from hetero.model import Transformer
-from hetero.policies import DecodeStep, Policy, exact_attention
+from hetero.policies import DecodeStep, Policy, StepPlan, exact_attention
+
+AttentionHook = Callable[[int, Tensor, StepPlan, Tensor], Tensor | None]
+"""``hook(layer, q, plan, out)`` after a decode layer's attention; may return the output to
+go on with instead of ``out`` (a probe: exact attention)."""
 
 
 class Engine:
+    """Runs the model over the store under the policy.
+
+    Hooks, for measurement (``bench/``) without touching the runtime: ``attention_hooks``
+    (see :data:`AttentionHook`) and ``step_hooks`` (``hook(seconds)`` after each decode
+    step, with its wall time)."""
+
     def __init__(self, model: Transformer, store: KVStore, policy: Policy, prefill_chunk: int):
         if prefill_chunk < store.page_size or prefill_chunk % store.page_size:
             raise ValueError(
@@ -29,7 +40,14 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.scale = model.cfg.head_dim**-0.5
         self.device = store.device.device
+        self.attention_hooks: list[AttentionHook] = []
+        self.step_hooks: list[Callable[[float], None]] = []
 
+    def _qk_hook(self, seq_ids: list[int]):
+        """The model's ``on_qk`` for a policy that wants q and k before RoPE, else None."""
+        if not self.policy.raw_qk:
+            return None
+        return lambda layer, q, k: self.policy.on_qk(layer, seq_ids, q, k)
     @torch.inference_mode()
     def prefill(
         self,
@@ -57,7 +75,7 @@ class Engine:
         outs = []
         for start in range(0, len(token_ids) - 1, self.prefill_chunk):
             rows = hidden[start : min(start + self.prefill_chunk, len(token_ids) - 1)]
-            targets = torch.tensor(token_ids[start + 1 : start + 1 + len(rows)], device=self.device)
+            targets = self.store.device.tensor(token_ids[start + 1 : start + 1 + len(rows)], torch.int64)
             logp = torch.log_softmax(self.model.logits(rows), dim=-1)
             outs.append(logp.gather(1, targets[:, None])[:, 0])
         return torch.cat(outs)
@@ -84,9 +102,9 @@ class Engine:
                 return prefill_attention(q, store.k, store.v, block_tables[layer], start,
                                          self.scale, store.page_size)[0]
 
-            tokens = torch.tensor(chunk, device=self.device)
+            tokens = store.device.tensor(chunk, torch.int64)
             positions = torch.arange(start, start + n, device=self.device)
-            out = model(tokens, positions, attend, start + n)
+            out = model(tokens, positions, attend, start + n, self._qk_hook([seq_id]))
             hidden = [*hidden, out] if keep_all else [out]
             table.n_tokens = start + n
             if progress is not None:
@@ -109,7 +127,8 @@ class Engine:
         store, model, policy = self.store, self.model, self.policy
         table, ps, n = store.tables[seq_id], store.page_size, len(token_ids)
         n_layers = len(model.blocks)
-        x = model.embed(torch.tensor(token_ids, device=self.device))
+        x = model.embed(store.device.tensor(token_ids, torch.int64))
+        on_qk = self._qk_hook([seq_id])
         cos, sin = model.rope.tables(torch.arange(n, device=self.device), x.dtype, n)
         sink = table.sink_pages
         for layer, block in enumerate(model.blocks):
@@ -125,15 +144,15 @@ class Engine:
                     if streamed:
                         return exact_attention(store, layer, seq_id, q, start, self.scale,
                                                policy.stream_pages)[0]
-                    pages = torch.tensor(table.layers[layer], dtype=torch.int32, device=self.device)
+                    pages = store.device.tensor(table.layers[layer], torch.int32)
                     return prefill_attention(q, store.k, store.v, pages, start, self.scale, ps)[0]
 
                 rows = slice(start, start + c)
-                x[rows] = block(x[rows], cos[rows], sin[rows], attend)
+                x[rows] = block(x[rows], cos[rows], sin[rows], attend, on_qk)
                 if table.stream_prefill:
                     done = self._offload(seq_id, layer, done, self._settled(seq_id, start + c))
             self._offload(seq_id, layer, done, self._settled(seq_id, n))
-            policy.on_prefill_layer_done(store, seq_id, layer, self._settled(seq_id, n))
+            policy.on_layer_prefilled(store, seq_id, layer, self._settled(seq_id, n))
             if progress is not None:  # the prompt's tokens, shared out over the layers
                 progress(n * (layer + 1) // n_layers - n * layer // n_layers)
         table.n_tokens = n
@@ -142,34 +161,37 @@ class Engine:
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> Tensor:
-        """Feed one token per sequence; returns logits [B, vocab] (float32)."""
-        store, cfg = self.store, self.model.cfg
+        """Feed one token per sequence; returns logits [B, vocab] (float32).
+
+        The policy plans the step once (every layer's tables, from host-side state), then
+        runs each layer; nothing inside the layer loop reads the device back."""
+        t0 = time.perf_counter()
+        store = self.store
         positions = [store.tables[s].n_tokens for s in seq_ids]
         for s, p in zip(seq_ids, positions):
             store.reserve(s, p + 1)
         slots = torch.cat([store.slots(s, p, 1) for s, p in zip(seq_ids, positions)], dim=1)
-        b = len(seq_ids)
-        step = DecodeStep(
-            store=store,
-            seq_ids=seq_ids,
-            n_tokens=[p + 1 for p in positions],
-            kv_lens=torch.tensor(positions, dtype=torch.int32, device=self.device)[:, None]
-            .add(1)
-            .expand(b, cfg.n_kv_heads),
-            scale=self.scale,
-        )
+        for s in seq_ids:  # the new token takes part in attention
+            store.tables[s].n_tokens += 1
+        plan = self.policy.plan(DecodeStep(store, seq_ids, [p + 1 for p in positions], self.scale))
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             store.write(slots[layer], k, v)
-            return self.policy.attend_decode(layer, q, step)
+            out = self.policy.run(layer, q, plan)
+            for hook in self.attention_hooks:
+                new = hook(layer, q, plan, out)
+                out = out if new is None else new
+            return out
 
-        for s in seq_ids:  # policies read n_tokens: the new token takes part in attention
-            store.tables[s].n_tokens += 1
-        tokens = torch.tensor(token_ids, device=self.device)
-        hidden = self.model(tokens, torch.tensor(positions, device=self.device), attend, max(positions) + 1)
+        tokens = store.device.tensor([*token_ids, *positions], torch.int64)
+        hidden = self.model(tokens[: len(seq_ids)], tokens[len(seq_ids) :], attend, max(positions) + 1,
+                            self._qk_hook(seq_ids))
         for s in seq_ids:
             self._evict(s)
-        return self.model.logits(hidden)
+        logits = self.model.logits(hidden)
+        for hook in self.step_hooks:
+            hook(time.perf_counter() - t0)
+        return logits
 
     def release(self, seq_id: int) -> None:
         """Free a sequence: the policy's state of it, then its KV."""

@@ -103,17 +103,13 @@ class LLM:
         except BaseException:
             self.backend.close()
             raise
-        self.scheduler = Scheduler(engine, self.backend, self.tokenizer, self.max_model_len,
-                                   self.model_name)
+        self.scheduler = Scheduler(engine, self.tokenizer, self.max_model_len, self.model_name)
 
     @property
     def engine(self) -> Engine:
-        """The engine the scheduler runs requests on; assigning one swaps it (a bench wraps it)."""
+        """The engine the scheduler runs requests on (its ``attention_hooks`` and
+        ``step_hooks`` let a bench observe decode steps)."""
         return self.scheduler.engine
-
-    @engine.setter
-    def engine(self, engine: Engine) -> None:
-        self.scheduler.engine = engine
 
     @property
     def eos_ids(self) -> set[int]:
@@ -139,13 +135,22 @@ class LLM:
         """Per-token log-probabilities of ``text`` under the model (for perplexity)."""
         return self.scheduler.logprobs(text)
 
+    def decode_logprobs(self, context: str | list[int], continuation: list[int]) -> list[float]:
+        """Log-probabilities of ``continuation[1:]`` scored through the policy's decode
+        attention (teacher forcing), for the perplexity a sparse policy gives: prefill is
+        exact under every policy, so :meth:`logprobs` cannot show its error.
+
+        ``context`` (text, or token ids) is prefilled; then decode step ``i`` is fed
+        ``continuation[i]`` (token ids, at least two) instead of a sampled token and records
+        log p(``continuation[i + 1]``): ``len(continuation) - 1`` values. The sequence's
+        pages are released on every exit."""
+        return self.scheduler.decode_logprobs(context, continuation)
+
     def memory_report(self) -> dict:
-        """Device KV budget, use and peak, host KV bytes, cumulative link traffic, and the
-        CPU workers' LSH table bytes (in all and per layer) of the live sequences."""
-        per_layer = self.backend.table_bytes()
-        lsh = [per_layer.get(layer, 0) for layer in range(self.config.n_layers)]
-        return {**asdict(self.store.memory_report()), "lsh_table_bytes": sum(lsh),
-                "lsh_table_bytes_per_layer": lsh}
+        """Device KV budget, use and peak, host KV bytes, cumulative link traffic, and under
+        ``"policy"`` the policy's figures of the live sequences (``Policy.stats``: magicpig's
+        LSH table bytes, in all and per layer)."""
+        return {**asdict(self.store.memory_report()), "policy": self.policy.stats()}
 
     def close(self) -> None:
         """Free every sequence and the CPU workers; the LLM refuses work afterwards. Closing

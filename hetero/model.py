@@ -18,6 +18,8 @@ from hetero.config import ModelConfig
 
 AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 """``attend(layer, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> out [N, Hq, D]``."""
+QKFn = Callable[[int, Tensor, Tensor], None]
+"""``on_qk(layer, q [N, Hq, D], k [N, Hkv, D])``: a layer's q and k before RoPE."""
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -80,13 +82,16 @@ class Block(nn.Module):
         self.w13 = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)  # gate | up
         self.w2 = nn.Linear(cfg.intermediate_size, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn,
+                on_qk: QKFn | None = None) -> Tensor:
         cfg = self.cfg
         n = x.shape[0]
         qkv = self.wqkv(self.attn_norm(x))
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = apply_rope(q.view(n, cfg.n_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(n, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+        q, k = q.view(n, cfg.n_heads, cfg.head_dim), k.view(n, cfg.n_kv_heads, cfg.head_dim)
+        if on_qk is not None:
+            on_qk(self.layer, q, k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(n, cfg.n_kv_heads, cfg.head_dim)
         x = x + self.wo(attend(self.layer, q, k, v).reshape(n, self.q_size))
         gate, up = self.w13(self.mlp_norm(x)).chunk(2, dim=-1)
@@ -105,13 +110,15 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = Rope(cfg)
 
-    def forward(self, tokens: Tensor, positions: Tensor, attend: AttendFn, bound: int | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor, attend: AttendFn, bound: int | None = None,
+                on_qk: QKFn | None = None) -> Tensor:
         """Final-normed hidden states [N, hidden] for ``tokens`` [N] at ``positions`` [N]
-        (all below ``bound`` if given, which spares reading them back)."""
+        (all below ``bound`` if given, which spares reading them back). ``on_qk`` sees each
+        layer's q and k before the rotary embedding."""
         x = self.embed(tokens)
         cos, sin = self.rope.tables(positions, x.dtype, bound)
         for block in self.blocks:
-            x = block(x, cos, sin, attend)
+            x = block(x, cos, sin, attend, on_qk)
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(slots=True)
@@ -11,7 +11,8 @@ class RequestStats:
     shares them); ``*_per_token`` divide the decode phase's traffic by the tokens the batch
     decoded; ``cache_hit_rate`` is the decode phase's page-cache hits over lookups, counted
     in pages of one KV head (exact prefill streams every offloaded page through the cache
-    once, which would swamp it)."""
+    once, which would swamp it). ``policy`` holds the policy's own figures
+    (``Policy.stats``, e.g. magicpig's ``lsh_table_bytes``; empty for most)."""
 
     prompt_tokens: int
     generated_tokens: int
@@ -25,7 +26,7 @@ class RequestStats:
     h2d_bytes_per_token: float
     d2h_bytes_per_token: float
     cache_hit_rate: float
-    lsh_table_bytes: int
+    policy: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from hetero.backend import CPUBackend
 from hetero.cache import OutOfPages
 from hetero.config import is_integer
 from hetero.device import format_size
@@ -53,15 +52,13 @@ class Scheduler:
     Parameters
     ----------
     engine : the engine, with its store and policy.
-    backend : the CPU workers (their LSH table bytes go into a request's statistics).
     tokenizer : the model's HF tokenizer.
     max_model_len : longest prompt + generation, in tokens.
     model_name : named in errors.
     """
 
-    def __init__(self, engine: Engine, backend: CPUBackend, tokenizer, max_model_len: int,
-                 model_name: str):
-        self.engine, self.backend, self.tokenizer = engine, backend, tokenizer
+    def __init__(self, engine: Engine, tokenizer, max_model_len: int, model_name: str):
+        self.engine, self.tokenizer = engine, tokenizer
         self.store, self.policy = engine.store, engine.policy
         self.config, self.max_model_len, self.model_name = engine.store.cfg, max_model_len, model_name
         self.eos_ids = set(self.config.eos_token_ids)
@@ -109,6 +106,34 @@ class Scheduler:
         finally:
             self.engine.release(seq)
         return LogprobsOutput(ids, logprobs.tolist())
+
+    def decode_logprobs(self, context, continuation: list[int]) -> list[float]:
+        """Teacher forcing through the decode path (``LLM.decode_logprobs``): prefill
+        ``context``, then decode step ``i`` is fed ``continuation[i]`` and scores
+        ``continuation[i + 1]``."""
+        self._check_open()
+        ids = self.encode(context, chat=False)
+        if (not isinstance(continuation, (list, tuple)) or len(continuation) < 2
+                or not all(is_integer(t) for t in continuation)):
+            raise ValueError(f"continuation must be a list of at least two token ids, got "
+                             f"{_describe(continuation)}")
+        cont = [int(t) for t in continuation]
+        if not all(0 <= t < self.config.vocab_size for t in cont):
+            raise ValueError(f"continuation token ids must be in [0, {self.config.vocab_size})")
+        n = len(ids) + len(cont) - 1  # the last continuation token is scored, never fed
+        if n > self.max_model_len:
+            raise ValueError(f"context and continuation hold {n} tokens, the context limit is "
+                             f"{self.max_model_len}: shorten them or pass a larger max_model_len")
+        seq, _, _ = self.place(n)
+        try:
+            self.engine.prefill(seq, ids)
+            scores = []
+            for token, target in zip(cont, cont[1:]):
+                logits = self.engine.decode([seq], [token])
+                scores.append(torch.log_softmax(logits[0].float(), dim=-1)[target])
+            return torch.stack(scores).tolist()  # one read back, after the last step
+        finally:  # on any exit: an error, Ctrl-C
+            self.engine.release(seq)
 
     def close(self) -> None:
         """Free every sequence; later requests are refused."""
@@ -247,6 +272,7 @@ class Scheduler:
         store.prepare(committed + need + extra)
         store.admit(seq, n, offload, policy.dense_layers, stream_prefill=stream,  # dense layers' pages
                     sink_pages=policy.sink_pages(ps))
+        policy.on_admit(store, seq)
         if offload:  # its other pages are taken as it runs: keep them promised
             return seq, need - (free - store.allocator.n_free), extra
         store.reserve(seq, n)  # taken now: n_free already counts them
@@ -301,12 +327,12 @@ class Scheduler:
 
     def _snapshot(self) -> tuple[int, int, int, int]:
         t, st = self.store.device.traffic, self.store
-        return t.h2d_bytes, t.d2h_bytes, st.cache_hits, st.cache_misses
+        return t.h2d_bytes, t.d2h_bytes, st.hits.value, st.misses.value
 
     def finish(self, r: _Request) -> Output:
         """Release a finished request and return its output and statistics."""
         mem = self.store.memory_report()
-        lsh_bytes = sum(self.backend.table_bytes(r.seq_id).values())
+        policy_stats = self.policy.stats(r.seq_id)
         self.release([r])
         now = self._snapshot()
         h2d, d2h = (a - b for a, b in zip(now[:2], self._snap_start[:2]))
@@ -326,7 +352,7 @@ class Scheduler:
             h2d_bytes_per_token=h2d_dec / max(self._decoded, 1),
             d2h_bytes_per_token=d2h_dec / max(self._decoded, 1),
             cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
-            lsh_table_bytes=lsh_bytes,
+            policy=policy_stats,
         )
         return Output(r.detok.text, r.output_ids, r.finish_reason, stats)
 

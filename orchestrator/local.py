@@ -1,12 +1,14 @@
-"""The ``local`` backend: CPU workers in this process, their calls run on a thread pool.
+"""The ``local`` backend: CPU workers in this process, their tasks run on thread pools.
 
-The device thread submits a layer's CPU attention and goes on with the resident-set
-attention of the same layer; the numba kernels release the GIL, so the two overlap.
-A layer's table build is submitted as the layer finishes the prompt's last prefill chunk and
-runs while the device goes on with the next layers, samples the first token and starts
-decoding (a layer's first attention waits for that layer's build only). Builds have their
-own pool, so an attention call never queues behind a build (rebuilds while decoding run in
-the background).
+The device thread submits a task (e.g. a layer's CPU attention) and goes on with its own
+work (the resident-set attention of the same layer); the numba kernels release the GIL, so
+the two overlap. Background tasks (e.g. a layer's table build, submitted as the layer
+finishes the prompt's last prefill chunk) have their own pool, so a task never queues behind
+a background one (rebuilds while decoding run in the background).
+
+Arguments are passed by reference: a ``HostTier`` reaches the worker as it is, and the
+worker reads the host tier in place. A task's ``ready`` (the device's copy event) is waited
+for on the pool thread, so the submitting thread never waits for the device.
 
 Each pool thread runs numba with one thread (``numba.set_num_threads`` is per calling
 thread): parallelism comes from the pool, and on cores shared with the device's torch
@@ -15,29 +17,17 @@ threads a wide parallel kernel waits for its slowest thread (see ``cpu_kernels.l
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numba
-import torch
-from torch import Tensor
 
-from hetero.backend import CPUBackend, LSHSpec
-from orchestrator.lsh_worker import LSHWorker
+from hetero.backend import CPUBackend, Ready, WorkerSpec
 
-
-class _Stacked:
-    """The futures of a batch's per-sequence calls as one: ``(out, lse)`` stacked."""
-
-    def __init__(self, futures: list[Future]):
-        self._futures = futures
-
-    def result(self, timeout: float | None = None) -> tuple[Tensor, Tensor]:
-        parts = [f.result(timeout) for f in self._futures]
-        return torch.stack([out for out, _ in parts]), torch.stack([lse for _, lse in parts])
-
-    def done(self) -> bool:
-        return all(f.done() for f in self._futures)
+logger = logging.getLogger(__name__)
 
 
 def _one_numba_thread() -> None:
@@ -50,101 +40,114 @@ def _new_pool(n: int, name: str) -> ThreadPoolExecutor:
 
 class LocalBackend(CPUBackend):
     """Workers sharded by layer (layer ``i``-th of the served ones -> worker ``i % n``), one
-    per pool thread; any thread may run any worker's call.
+    per pool thread; any thread may run any worker's task.
 
     Parameters
     ----------
-    n_threads : pool size; default ``os.cpu_count()``.
+    n_threads : size of each pool (tasks, background tasks); default ``os.cpu_count()``.
     """
 
     name = "local"
+    in_process = True
 
     def __init__(self, n_threads: int | None = None):
         n = (os.cpu_count() or 1) if n_threads is None else n_threads
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n_threads must be an integer >= 1, got {n_threads!r}")
         self.n_threads = n
-        self._pool: ThreadPoolExecutor | None = None  # attention; threads start on first use
-        self._build_pool: ThreadPoolExecutor | None = None
-        self._workers: list[LSHWorker] = []
-        self._owner: dict[int, LSHWorker] = {}
-        self._builds: dict[tuple[int, int], Future] = {}  # latest build of (seq, layer)
+        self._pool: ThreadPoolExecutor | None = None  # tasks; threads start on first use
+        self._build_pool: ThreadPoolExecutor | None = None  # background tasks
+        self._workers: list[Any] = []
+        self._owner: dict[int, Any] = {}
+        self._pending: set[Future] = set()  # background tasks not done yet
+        self._lock = threading.Lock()
 
     @property
     def pool(self) -> ThreadPoolExecutor:
-        """Threads running attention calls."""
+        """Threads running tasks."""
         if self._pool is None:
-            self._pool = _new_pool(self.n_threads, "hetero-attend")
+            self._pool = _new_pool(self.n_threads, "hetero-task")
         return self._pool
 
     @property
     def build_pool(self) -> ThreadPoolExecutor:
-        """Threads running table builds."""
+        """Threads running background tasks."""
         if self._build_pool is None:
-            self._build_pool = _new_pool(self.n_threads, "hetero-build")
+            self._build_pool = _new_pool(self.n_threads, "hetero-background")
         return self._build_pool
 
-    def start_lsh(self, spec: LSHSpec) -> None:
-        self._wait_builds()
-        layers = spec.layers
-        n = min(self.n_threads, len(layers)) or 1
-        shards = [{layer: spec.projections[layer] for layer in layers[i::n]} for i in range(n)]
-        self._workers = [LSHWorker(shard, spec.k, spec.l, spec.scale) for shard in shards]
-        self._owner = {layer: w for w in self._workers for layer in w.layers}
+    @property
+    def workers(self) -> list[Any]:
+        return list(self._workers)
 
-    def submit_build(self, seq_id: int, layer: int, keys: Tensor, values: Tensor, lo: int, hi: int) -> Future:
-        worker = self._worker(layer)
-        future = self.build_pool.submit(worker.build, seq_id, layer, keys, values, lo, hi)
-        self._builds[(seq_id, layer)] = future
+    def start(self, spec: WorkerSpec) -> None:
+        self._drain()
+        cls = spec.worker_class()
+        self._workers, self._owner = [], {}
+        for layers in spec.shards(self.n_threads):
+            args, kwargs = spec.shard_args(layers)
+            worker = cls(*args, **kwargs)
+            self._workers.append(worker)
+            self._owner.update(dict.fromkeys(layers, worker))
+
+    def submit(self, layer: int, task: str, *args: Any, background: bool = False,
+               ready: Ready | None = None) -> Future:
+        method = getattr(self.worker(layer), task)
+        if not background:
+            return self.pool.submit(_run, method, args, ready)
+        future = self.build_pool.submit(_run, method, args, ready)
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._done)
         return future
 
-    def submit_attend(self, layer: int, seq_ids: list[int], q: Tensor, q_codes: Tensor,
-                      his: list[int]) -> Future:
-        worker = self._worker(layer)
-        for seq_id in seq_ids:
-            build = self._builds.get((seq_id, layer))
-            if build is None:
-                continue
-            if not worker.has(seq_id, layer):  # the first build: nothing to sample yet
-                build.result()
-            if build.done():
-                build.result()  # raises a failed build's error here, once
-                del self._builds[(seq_id, layer)]
-        # one task per sequence: the pool's threads share a batch's layer
-        return _Stacked([self.pool.submit(worker.attend, seq_id, layer, q[i], q_codes[i], his[i])
-                         for i, seq_id in enumerate(seq_ids)])
+    def call_all(self, task: str, *args: Any) -> list[Any]:
+        answers = []
+        for w in self._workers:
+            try:
+                answers.append(getattr(w, task)(*args))
+            except Exception as e:  # noqa: BLE001 - bookkeeping: logged, left out
+                logger.warning("CPU worker %s failed %s: %s", w, task, e)
+        return answers
 
     def release(self, seq_id: int) -> None:
-        self._wait_builds(seq_id)
+        self._drain()
         for w in self._workers:
-            w.release(seq_id)
-
-    def table_bytes(self, seq_id: int | None = None) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for w in self._workers:
-            out.update(w.table_bytes(seq_id))
-        return out
-
-    def key_counts(self) -> tuple[int, int]:
-        counts = [w.key_counts() for w in self._workers]
-        return sum(r for r, _ in counts), sum(o for _, o in counts)
+            try:
+                w.release(seq_id)
+            except Exception as e:  # noqa: BLE001
+                logger.warning("CPU worker %s failed to release sequence %d: %s", w, seq_id, e)
 
     def describe(self) -> str:
         return f"local ({self.n_threads} threads)"
 
     def close(self) -> None:
-        self._wait_builds()
+        self._drain()
         for pool in (self._pool, self._build_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
         self._pool = self._build_pool = None
 
-    def _worker(self, layer: int) -> LSHWorker:
+    def worker(self, layer: int) -> Any:
+        """The worker (an instance of the spec's class, in this process) that owns ``layer``."""
         if layer not in self._owner:
-            raise ValueError(f"no worker serves layer {layer}: start_lsh first (served: {sorted(self._owner)})")
+            raise ValueError(f"no worker serves layer {layer}: start the workers first "
+                             f"(served: {sorted(self._owner)})")
         return self._owner[layer]
 
-    def _wait_builds(self, seq_id: int | None = None) -> None:
-        """Wait for pending builds (of one sequence or all); errors are dropped with them."""
-        for key in [key for key in self._builds if seq_id is None or key[0] == seq_id]:
-            self._builds.pop(key).exception()
+    def _done(self, future: Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def _drain(self) -> None:
+        """Wait for the pending background tasks; their errors stay with their futures."""
+        with self._lock:
+            pending = list(self._pending)
+        for future in pending:
+            future.exception()
+
+
+def _run(method, args: tuple, ready: Ready | None) -> Any:
+    if ready is not None:
+        ready.wait()
+    return method(*args)

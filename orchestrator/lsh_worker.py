@@ -2,15 +2,17 @@
 
 The worker owns, for a shard of layers and per sequence, the LSH state of the offloaded
 keys of each KV head: the centre (mean of the offloaded keys), the centred key norms and
-L hash tables of K-bit SimHash buckets (``cpu_kernels.lsh``). It reads the rows it samples
-from the layer's host tier (``[Hkv, capacity, D]``, indexed by token position), either:
+L hash tables of K-bit SimHash buckets (``cpu_kernels.lsh``). It implements the tasks of
+MagicPIG's protocol (``hetero.policies.lsh_protocol``). It reads the rows it samples from the
+layer's host tier (``[Hkv, capacity, D]``, indexed by token position), which its tasks
+receive as a ``hetero.backend.HostTier`` or ``HostRows`` argument, either:
 
-- views of a float32 host tier (``KVStore.host[seq]``) passed to ``build``: nothing is
-  copied (a worker in the process, ``orchestrator.local``);
-- its own float32 copy, filled from the ``rows`` that ``build`` and ``attend`` receive (a
-  worker in another process or on another node, ``orchestrator.ray_backend``); or
-- its own float32 copy, converted from views of a bfloat16 or float16 host tier passed to
-  ``build`` (the kernels have a float32 path only): rows ``[0, hi)`` at the build, rows
+- views of a float32 host tier (``KVStore.host[seq]``, a ``HostTier``): nothing is copied (a
+  worker in the process, ``orchestrator.local``);
+- its own float32 copy, filled from the ``HostRows`` that ``build`` and ``attend`` receive
+  (a worker in another process or on another node, ``orchestrator.ray_backend``); or
+- its own float32 copy, converted from views of a bfloat16 or float16 host tier (a
+  ``HostTier``; the kernels have a float32 path only): rows ``[0, hi)`` at the build, rows
   offloaded later as the first attention call that reads them converts them. The copy
   costs 4 bytes per element besides the host tier's 2 (committed as rows are converted).
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from cpu_kernels import LSHTables, build_tables, centred_norms, lsh_attention, simhash_codes
 from gpu_kernels import merge_partials
+from hetero.backend import HostRows, HostTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,25 +92,6 @@ class _HalfSource:
         self.converted = max(self.converted, hi)
 
 
-class Rows(NamedTuple):
-    """Rows ``[start, start + n)`` of one layer's offloaded keys and values, sent to a worker
-    that keeps its own copy of the host tier.
-
-    Attributes
-    ----------
-    start : first position.
-    keys, values : [Hkv, n, D] float32 (a sender converts half-precision rows first: the
-        copy is float32).
-    capacity : positions of the sequence's host tier; the copy is allocated at this size
-        on its first rows (zeroed: memory is committed only as rows arrive).
-    """
-
-    start: int
-    keys: np.ndarray
-    values: np.ndarray
-    capacity: int
-
-
 class LSHWorker:
     """LSH tables and sampled attention for the layers ``projections`` lists.
 
@@ -140,37 +123,22 @@ class LSHWorker:
     def layers(self) -> list[int]:
         return sorted(self.projections)
 
-    def build(self, seq_id: int, layer: int, keys: Tensor | np.ndarray | None,
-              values: Tensor | np.ndarray | None, n_offloaded_lo: int, n_offloaded_hi: int,
-              rows: Rows | None = None) -> None:
-        """Build the tables of one layer of ``seq_id`` over positions ``[lo, hi)``.
+    def build(self, host: HostTier | HostRows) -> None:
+        """Build the tables of one layer of one sequence over the offloaded positions
+        ``[host.start, host.stop)`` (the task ``build``).
 
-        Parameters
-        ----------
-        keys, values : [Hkv, capacity, D] CPU tensors or arrays, the layer's host tier:
-            float32 and C-contiguous, kept as views; or bfloat16 / float16 (both the same),
-            kept as views and converted into the worker's own float32 copy as rows are
-            needed; or both None: the worker's own copy.
-        n_offloaded_lo, n_offloaded_hi : the offloaded positions ``[lo, hi)``.
-        rows : rows stored into the worker's own copy first (see :class:`Rows`).
+        ``host`` names the sequence and layer and gives the host tier: a :class:`HostTier`
+        of ``[Hkv, capacity, D]`` CPU tensors (or arrays), float32 and C-contiguous, kept as
+        views, or bfloat16 / float16 (both the same), kept as views and converted into the
+        worker's own float32 copy as rows are needed; or :class:`HostRows`, stored into the
+        worker's own copy first.
 
-        A build older than the state it would replace (smaller ``hi``) is dropped.
+        A build older than the state it would replace (smaller ``stop``) is dropped.
         """
+        seq_id, layer = _key(host)
         r = self._projection(layer)
-        if rows is not None:
-            self._receive(seq_id, layer, rows)
-        if keys is None and values is None:
-            if (seq_id, layer) not in self.copies:
-                raise ValueError(f"no copy of the host tier of sequence {seq_id}, layer {layer}: "
-                                 f"pass keys and values, or rows")
-            keys, values = self.copies[(seq_id, layer)]
-            source = self.sources.get((seq_id, layer))
-        else:
-            source = self._half_source(seq_id, layer, keys, values)
-        if source is not None:
-            keys, values = source.copy
-        keys, values = _host_rows(keys, "keys"), _host_rows(values, "values")
-        lo, hi = int(n_offloaded_lo), int(n_offloaded_hi)
+        keys, values, source = self._host_tier(host)
+        lo, hi = int(host.start), int(host.stop)
         hkv, cap, d = keys.shape
         if values.shape != keys.shape or r.shape[0] != d:
             raise ValueError(f"keys {keys.shape} and values {values.shape} must be [Hkv, capacity, D] "
@@ -194,32 +162,35 @@ class LSHWorker:
     def has(self, seq_id: int, layer: int) -> bool:
         return (seq_id, layer) in self.state
 
-    def attend(self, seq_id: int, layer: int, q: Tensor | np.ndarray, q_codes: Tensor | np.ndarray,
-               n_offloaded_hi: int | None = None, rows: Rows | None = None) -> tuple[Tensor, Tensor]:
-        """Attention of ``q`` over the offloaded positions ``[lo, n_offloaded_hi)``.
+    def attend(self, q: Tensor | np.ndarray, q_codes: Tensor | np.ndarray,
+               host: HostTier | HostRows) -> tuple[Tensor, Tensor]:
+        """Attention of ``q`` over the offloaded positions ``[lo, host.stop)`` of the
+        sequence and layer ``host`` names (the task ``attend``).
 
         Parameters
         ----------
         q : [Hq, D] float32 queries (uncentred); q_codes : [Hq, L] integer SimHash codes of
             ``q`` with the layer's projection and no centre.
-        n_offloaded_hi : end of the offloaded positions now (default: the build's ``hi``).
-            Positions from the build's ``hi`` on are attended exactly.
-        rows : rows offloaded since the build, stored into the worker's own copy first.
+        host : the layer's host tier up to the end of the offloaded positions now; positions
+            from the build's ``hi`` on are attended exactly. :class:`HostRows` (rows offloaded
+            since the build) are stored into the worker's own copy first; a :class:`HostTier`
+            is read through the views kept at the build.
 
         Returns
         -------
         out : [Hq, D] float32; lse : [Hq] float32 (natural log): a partial over the
         offloaded keys that merges with the device's (``-inf`` and 0 if there are none).
         """
+        seq_id, layer = _key(host)
         st = self.state.get((seq_id, layer))
         if st is None:
             raise ValueError(f"no LSH tables for sequence {seq_id}, layer {layer}: call build first")
-        if rows is not None:
-            self._receive(seq_id, layer, rows)
-        hi = st.hi if n_offloaded_hi is None else int(n_offloaded_hi)
+        if isinstance(host, HostRows):
+            self._receive(host)
+        hi = int(host.stop)
         if not st.hi <= hi <= st.keys.shape[1]:
-            raise ValueError(f"n_offloaded_hi={hi} must lie in [{st.hi}, {st.keys.shape[1]}] "
-                             f"(the tables cover positions up to {st.hi})")
+            raise ValueError(f"the offloaded positions end at {hi}: that must lie in [{st.hi}, "
+                             f"{st.keys.shape[1]}] (the tables cover positions up to {st.hi})")
         if st.source is not None:
             st.source.convert(hi)  # rows offloaded since the build
         q = np.array(_numpy(q), dtype=np.float32, order="C")  # writable: torch reads it
@@ -239,14 +210,13 @@ class LSHWorker:
             return torch.zeros(q.shape, dtype=torch.float32), torch.full((hq,), float("-inf"))
         return merge_partials(*parts)
 
-    def attend_batch(self, layer: int, seq_ids: list[int], q: np.ndarray, q_codes: np.ndarray,
-                     his: list[int], rows: list[Rows | None]) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`attend` for each sequence of a batch, as one call (one remote call per layer
-        and step): ``q`` [n, Hq, D], ``q_codes`` [n, Hq, L], ``his`` and ``rows`` per
-        sequence. Returns ``out`` [n, Hq, D] and ``lse`` [n, Hq] as arrays, which Ray passes
-        without pickling."""
-        parts = [self.attend(seq_id, layer, q[i], q_codes[i], his[i], rows[i])
-                 for i, seq_id in enumerate(seq_ids)]
+    def attend_batch(self, q: np.ndarray, q_codes: np.ndarray,
+                     hosts: list[HostTier | HostRows]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`attend` for each sequence of a batch, as one call (the task
+        ``attend_batch``: one remote call per layer and step): ``q`` [n, Hq, D], ``q_codes``
+        [n, Hq, L], ``hosts`` per sequence. Returns ``out`` [n, Hq, D] and ``lse`` [n, Hq]
+        as arrays, which Ray passes without pickling."""
+        parts = [self.attend(q[i], q_codes[i], host) for i, host in enumerate(hosts)]
         return np.stack([out.numpy() for out, _ in parts]), np.stack([lse.numpy() for _, lse in parts])
 
     def release(self, seq_id: int) -> None:
@@ -268,14 +238,30 @@ class LSHWorker:
                 out[layer] += st.nbytes
         return out
 
-    def _receive(self, seq_id: int, layer: int, rows: Rows) -> None:
-        """Store ``rows`` into the worker's copy of the layer's host tier (allocated on the
-        first rows of the sequence)."""
+    def _host_tier(self, host: HostTier | HostRows) -> tuple[np.ndarray, np.ndarray, _HalfSource | None]:
+        """The float32 keys and values ``host`` stands for (views, or the worker's copy) and
+        the half-precision source the copy is converted from, if any."""
+        seq_id, layer = _key(host)
+        if isinstance(host, HostRows):
+            self._receive(host)
+            keys, values = self.copies[(seq_id, layer)]
+            source = self.sources.get((seq_id, layer))
+        else:
+            keys, values = host.keys, host.values
+            source = self._half_source(seq_id, layer, keys, values)
+        if source is not None:
+            keys, values = source.copy
+        return _host_rows(keys, "keys"), _host_rows(values, "values"), source
+
+    def _receive(self, rows: HostRows) -> None:
+        """Store rows ``[first, stop)`` into the worker's copy of the layer's host tier
+        (allocated on the first rows of the sequence)."""
+        seq_id, layer = int(rows.seq_id), int(rows.layer)
         keys, values = _numpy(rows.keys), _numpy(rows.values)
         if keys.dtype != np.float32 or values.dtype != np.float32:
             raise TypeError(f"rows must be float32 (the CPU kernels have no other path), got keys "
                             f"{keys.dtype}, values {values.dtype}")
-        start, cap = int(rows.start), int(rows.capacity)
+        start, cap = int(rows.first), int(rows.capacity)
         copy = self.copies.get((seq_id, layer))
         if copy is None:
             hkv, _, d = keys.shape
@@ -314,6 +300,13 @@ class LSHWorker:
         if layer not in self.projections:
             raise ValueError(f"layer {layer} is not served by this worker (layers {self.layers})")
         return self.projections[layer]
+
+
+def _key(host: HostTier | HostRows) -> tuple[int, int]:
+    """The sequence and layer a host argument names."""
+    if not isinstance(host, (HostTier, HostRows)):
+        raise TypeError(f"host must be a HostTier or HostRows, got {type(host).__name__}")
+    return int(host.seq_id), int(host.layer)
 
 
 def _numpy(x: Tensor | np.ndarray) -> np.ndarray:

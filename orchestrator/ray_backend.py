@@ -1,60 +1,55 @@
 """The ``ray`` backend: CPU workers as Ray actors, on this machine or across a cluster.
 
-The plain :class:`orchestrator.lsh_worker.LSHWorker` becomes an actor where it is created
-(``ray.remote(**ACTOR_OPTIONS)``); layers are sharded over the actors as in the local
-backend (served layer ``i`` -> actor ``i % n``), ``n`` = the cluster's CPUs over the CPUs of
-one actor. This is the only module that imports Ray.
+The spec's worker class becomes an actor where it is created (``ray.remote(**ACTOR_OPTIONS)``;
+a class named ``"module:Class"`` is imported on the driver, and by name in the actors);
+layers are sharded over the actors as in the local backend (served layer ``i`` -> actor
+``i % n``), ``n`` = the cluster's CPUs over the CPUs of one actor. This is the only module
+that imports Ray.
 
-An actor cannot view the driver's host tier, so it keeps its own copy of its layers'
-offloaded KV, and the driver sends each row once with the call that first needs it:
+An actor cannot view the driver's host tier, so it keeps its own copy of the rows it needs,
+and the driver sends each row once: a task's ``HostTier`` argument becomes ``HostRows``
+carrying the rows of ``[start, stop)`` this actor was not sent before (all of them the first
+time; later, the rows offloaded since) through the object store, converted to float32 from
+a bfloat16 or float16 host tier (the actor's copy is float32, as the kernels are; numpy has
+no bfloat16). CPU tensor arguments go as arrays.
 
-- a build sends the rows its tables cover that earlier builds did not (all of ``[lo, hi)``
-  the first time, the tail since the previous build on a rebuild) through the object
-  store, which the actor reads without a copy and stores into its own arrays;
-- an attention call sends the pages offloaded since the previous call of that layer (one
-  page every ``page_size`` steps) inline with q and its codes: one call per layer and step
-  for the whole batch.
-
-Rows of a bfloat16 or float16 host tier are converted to float32 on the driver as they are
-sent (the actor's copy is float32, as the kernels are); q is float32 already.
-
-Builds and attention calls run in two threads of the actor (its "build" and "attend"
-concurrency groups), so attention never queues behind a rebuild; each group runs its calls
-in submission order and each carries the rows it needs, so no call reads a row that is
-still on its way. A layer's first attention call waits on the driver for its first build.
+Tasks run in two threads of the actor (its "foreground" and "background" concurrency
+groups), so a task never queues behind a background one (a rebuild); each group runs its
+calls in submission order and each call carries the rows it needs that earlier calls of its
+group did not, or that calls the driver saw finish did, so no call reads a row that is still
+on its way. One call per task: a batch's call carries the rows of all its sequences.
 
 Faults: every result is awaited for at most ``timeout_s``. A worker that died, or did not
 answer in time (it is then killed), fails the request with a :class:`WorkerError` naming the
-worker and its layers; the facade then releases the request's pages. The next request that
-builds tables on that shard gets a new actor: KV is not recovered mid-request.
+worker and its layers; the facade then releases the request's pages. The next task for that
+shard gets a new actor, empty: KV is not recovered mid-request, so a task of a sequence whose
+rows died with the old actor fails with a WorkerError too (until the sequence is released).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from hetero.backend import CPUBackend, LSHSpec, WorkerError
-from orchestrator.lsh_worker import LSHWorker, Rows
+from hetero.backend import CPUBackend, HostRows, HostTier, Ready, WorkerError, WorkerSpec
 from orchestrator.ray_address import check_address, first_line, probe_gcs, split_address
 
 logger = logging.getLogger(__name__)
 
 # Options of each worker actor (``ray.remote``): one CPU, numba on one thread (as the local
-# pool's threads), builds and attention calls in separate threads of the actor. Ray's
+# pool's threads), tasks and background tasks in separate threads of the actor. Ray's
 # default worker niceness (15) stays: on 2 shared cores with spinning torch threads in the
 # driver, actors at niceness 0 made decode steps 2.5-4x slower (785 ms against 200-300).
 ACTOR_OPTIONS: dict[str, Any] = {
     "num_cpus": 1,
-    "concurrency_groups": {"build": 1, "attend": 1},
+    "concurrency_groups": {"foreground": 1, "background": 1},
     "runtime_env": {"env_vars": {"NUMBA_NUM_THREADS": "1"}},
 }
 # Longest wait for a worker's answer: a layer's first attention waits for its build, which
@@ -70,6 +65,7 @@ class _Worker:
     layers: list[int]
     actor: Any
     dead: bool = False
+    lost: set[int] = field(default_factory=set)  # sequences whose rows died with an earlier actor
 
     def __str__(self) -> str:
         return f"CPU worker {self.index} (a Ray actor serving layers {', '.join(map(str, self.layers))})"
@@ -77,33 +73,41 @@ class _Worker:
 
 @dataclass(slots=True)
 class _Sent:
-    """What the driver sent an actor of one layer of one sequence."""
+    """The rows of one layer of one sequence an actor holds or has on their way: positions
+    ``[start, lane[group])`` went with the calls of each concurrency group, ``[start,
+    confirmed)`` are known to have arrived (a call that carried them finished)."""
 
-    keys: Tensor  # the driver's host tier of the layer, [Hkv, capacity, D] (views; float32 or half)
-    values: Tensor
-    built: int  # rows [.., built) went with builds
-    attended: int  # rows [first build's hi, attended) went with attention calls
-    first: Any  # ObjectRef of the first build, until an attention call waited for it
-    latest: Any  # ObjectRef of the latest build, until its error (if any) was raised
+    start: int
+    lane: dict[str, int] = field(default_factory=dict)
+    confirmed: int = 0
+
+    def have(self, group: str) -> int:
+        """End of the rows a new call of ``group`` finds on the actor when it runs."""
+        return max(self.lane.get(group, self.start), self.confirmed, self.start)
 
 
 class RayFuture:
-    """A pending actor call; ``result`` waits at most the backend's ``timeout_s`` and
-    returns the call's result through ``post``."""
+    """A pending actor call; ``result`` waits at most the backend's ``timeout_s``; once it
+    returned, the rows the call's group had sent are known to be on the actor."""
 
     def __init__(self, backend: RayBackend, ref: Any, worker: _Worker, what: str,
-                 post: Callable[[Any], Any] = lambda x: x):
-        self._backend, self._ref, self._worker, self._what, self._post = backend, ref, worker, what, post
+                 confirm: list[tuple[tuple[int, int], _Sent, int]] = ()):
+        self._backend, self._ref, self._worker, self._what = backend, ref, worker, what
+        self._actor, self._confirm = worker.actor, confirm
 
     def result(self, timeout: float | None = None) -> Any:
-        return self._post(self._backend._get(self._ref, self._worker, self._what, timeout))
+        out = self._backend._get(self._ref, self._worker, self._what, timeout, self._actor)
+        for key, sent, stop in self._confirm:
+            if self._backend._sent.get(key) is sent:  # not released or lost since
+                sent.confirmed = max(sent.confirmed, stop)
+        return out
 
     def done(self) -> bool:
         return _done(self._ref)
 
 
 class RayBackend(CPUBackend):
-    """LSH workers as Ray actors.
+    """CPU workers as Ray actors.
 
     Parameters
     ----------
@@ -131,10 +135,11 @@ class RayBackend(CPUBackend):
         self.actor_options = {**ACTOR_OPTIONS, **(actor_options or {})}
         self._owns_ray = _connect(address)
         _advise_passive_wait()
-        self._spec: LSHSpec | None = None
+        self._spec: WorkerSpec | None = None
+        self._class: type | None = None
         self._workers: list[_Worker] = []
         self._owner: dict[int, _Worker] = {}
-        self._sent: dict[tuple[int, int], _Sent] = {}
+        self._sent: dict[tuple[int, int], _Sent] = {}  # (seq, layer) -> rows sent
 
     @classmethod
     def check(cls, options: dict[str, Any]) -> None:
@@ -146,90 +151,84 @@ class RayBackend(CPUBackend):
     def workers(self) -> list[_Worker]:
         return list(self._workers)
 
-    def start_lsh(self, spec: LSHSpec) -> None:
+    def start(self, spec: WorkerSpec) -> None:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
         self._kill_workers()
-        self._spec, layers = spec, spec.layers
+        self._sent.clear()
+        self._spec, self._class = spec, spec.worker_class()
         cpus = self.actor_options.get("num_cpus", 1) or 1
         n = self.n_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
-        n = min(n, len(layers)) or 1
-        self._workers = [_Worker(i, layers[i::n], None) for i in range(n)]
+        self._workers = [_Worker(i, layers, None) for i, layers in enumerate(spec.shards(n))]
         for w in self._workers:
             w.actor = self._new_actor(w.layers)
         self._owner = {layer: w for w in self._workers for layer in w.layers}
         try:
             ray.get([w.actor.__ray_ready__.remote() for w in self._workers], timeout=self.timeout_s)
         except (GetTimeoutError, RayActorError) as e:
+            n = len(self._workers)
             self._kill_workers()
             raise WorkerError(
                 f"{n} CPU workers ({self.actor_options.get('num_cpus', 1)} CPU each) did not start "
                 f"within {self.timeout_s:g} s: the cluster has {ray.available_resources().get('CPU', 0):g} "
                 f"free CPUs; pass fewer n_workers or add nodes ({type(e).__name__})") from e
 
-    def submit_build(self, seq_id: int, layer: int, keys: Tensor, values: Tensor, lo: int, hi: int) -> RayFuture:
+    def submit(self, layer: int, task: str, *args: Any, background: bool = False,
+               ready: Ready | None = None) -> RayFuture:
         w = self._worker(layer)
-        if w.dead:  # a new request on a shard whose actor died: a fresh actor, empty
+        if w.dead:  # a new actor, empty
             self._respawn(w)
-        sent = self._sent.get((seq_id, layer))
-        start = lo if sent is None else min(max(sent.built, lo), hi)
-        ref = w.actor.build.options(concurrency_group="build").remote(
-            seq_id, layer, None, None, lo, hi, _rows(keys, values, start, hi))
-        if sent is None:
-            self._sent[(seq_id, layer)] = _Sent(keys, values, hi, hi, ref, ref)
-        else:
-            sent.built, sent.latest = max(sent.built, hi), ref
-        return RayFuture(self, ref, w, f"the build of layer {layer} (sequence {seq_id})")
+        tiers = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, HostTier)]
+        for t in tiers:
+            if self._owner.get(t.layer) is not w:
+                raise ValueError(f"a HostTier of layer {t.layer} goes to the worker of layer {layer}, "
+                                 f"which does not serve it")
+        lost = sorted({t.seq_id for t in tiers} & w.lost)
+        if lost:
+            raise WorkerError(f"{w} died earlier, and the rows of sequence {', '.join(map(str, lost))} "
+                              f"with it: the request fails")
+        if ready is not None:
+            ready.wait()  # the copies into what is sent must land before it is read, here
+        group = "background" if background else "foreground"
+        updates: list[tuple[tuple[int, int], _Sent, int]] = []
 
-    def submit_attend(self, layer: int, seq_ids: list[int], q: Tensor, q_codes: Tensor,
-                      his: list[int]) -> RayFuture:
-        w = self._worker(layer)
-        sents = [self._sent.get((seq_id, layer)) for seq_id in seq_ids]
-        for seq_id, sent in zip(seq_ids, sents):
-            if sent is None:
-                raise ValueError(f"no LSH tables for sequence {seq_id}, layer {layer}: submit_build first")
-            build = f"the build of layer {layer} (sequence {seq_id})"
-            if sent.first is not None:  # the tables must exist before the first attention call
-                first, sent.first = sent.first, None
-                self._get(first, w, build)
-            if sent.latest is not None and _done(sent.latest):
-                latest, sent.latest = sent.latest, None
-                self._get(latest, w, build)  # its error, once
-        rows = []  # taken only once nothing can fail before the call that carries them
-        for sent, hi in zip(sents, his):
-            rows.append(None)
-            if hi > sent.attended:
-                rows[-1], sent.attended = _rows(sent.keys, sent.values, sent.attended, hi), hi
-        ref = w.actor.attend_batch.options(concurrency_group="attend").remote(
-            layer, list(seq_ids), q.numpy(), q_codes.numpy(), list(his), rows)
-        seqs = f"sequence{'s' * (len(seq_ids) > 1)} {', '.join(map(str, seq_ids))}"
-        return RayFuture(self, ref, w, f"attention of layer {layer} ({seqs})", _tensors)
+        def send(a: Any) -> Any:
+            if isinstance(a, HostTier):
+                return self._carry(a, group, updates)
+            if isinstance(a, (list, tuple)):
+                return type(a)(send(x) for x in a)
+            if isinstance(a, Tensor) and a.device.type == "cpu" and a.dtype != torch.bfloat16:
+                return a.numpy()
+            return a
+
+        sent_args = [send(a) for a in args]
+        ref = getattr(w.actor, task).options(concurrency_group=group).remote(*sent_args)
+        for key, sent, stop in updates:  # taken only now that the call carrying them is made
+            self._sent[key] = sent
+            sent.lane[group] = max(sent.lane.get(group, sent.start), stop)
+        seqs = sorted({t.seq_id for t in tiers})
+        what = f"{task} of layer {layer}" + (
+            f" (sequence{'s' * (len(seqs) > 1)} {', '.join(map(str, seqs))})" if seqs else "")
+        return RayFuture(self, ref, w, what, [(key, sent, sent.lane[group]) for key, sent, _ in updates])
+
+    def call_all(self, task: str, *args: Any) -> list[Any]:
+        return self._ask_live(task, *args)
 
     def release(self, seq_id: int) -> None:
-        """Drop ``seq_id`` on every live worker (after its pending builds); a worker that
-        fails here is logged, not raised: release runs when a request ends, failed or not."""
+        """Drop ``seq_id`` on every live worker (after its pending background tasks); a
+        worker that fails here is logged, not raised."""
         for key in [key for key in self._sent if key[0] == seq_id]:
             del self._sent[key]
-        calls = [(w, w.actor.release.options(concurrency_group="build").remote(seq_id))
+        for w in self._workers:
+            w.lost.discard(seq_id)
+        calls = [(w, w.actor.release.options(concurrency_group="background").remote(seq_id))
                  for w in self._workers if not w.dead]
         for w, ref in calls:
             try:
                 self._get(ref, w, f"the release of sequence {seq_id}")
             except WorkerError as e:
                 logger.warning("%s", e)
-
-    def table_bytes(self, seq_id: int | None = None) -> dict[int, int]:
-        """Per layer; a dead worker's layers hold nothing (0)."""
-        out = dict.fromkeys(self._owner, 0)
-        for counts in self._ask_live("table_bytes", seq_id):
-            out.update(counts)
-        return out
-
-    def key_counts(self) -> tuple[int, int]:
-        """Summed over the live workers (a dead worker's counts are lost with it)."""
-        counts = self._ask_live("key_counts")
-        return sum(r for r, _ in counts), sum(o for _, o in counts)
 
     def describe(self) -> str:
         import ray
@@ -253,9 +252,8 @@ class RayBackend(CPUBackend):
     def _new_actor(self, layers: list[int]) -> Any:
         import ray
 
-        spec = self._spec
-        shard = {layer: spec.projections[layer] for layer in layers}
-        return ray.remote(**self.actor_options)(LSHWorker).remote(shard, spec.k, spec.l, spec.scale)
+        args, kwargs = self._spec.shard_args(layers)
+        return ray.remote(**self.actor_options)(self._class).remote(*args, **kwargs)
 
     def _respawn(self, w: _Worker) -> None:
         import ray
@@ -263,8 +261,22 @@ class RayBackend(CPUBackend):
         logger.warning("%s died earlier: starting a new actor for its layers", w)
         ray.kill(w.actor)
         for key in [key for key in self._sent if self._owner[key[1]] is w]:
-            del self._sent[key]  # its copy of the KV went with it
+            del self._sent[key]  # its copy of the rows went with it
+            w.lost.add(key[0])
         w.actor, w.dead = self._new_actor(w.layers), False
+
+    def _carry(self, tier: HostTier, group: str, updates: list) -> HostRows:
+        """``tier`` as the rows the actor lacks for a call of ``group``; the bookkeeping is
+        appended to ``updates``, applied once the call is made."""
+        key = (tier.seq_id, tier.layer)
+        start, stop = int(tier.start), int(tier.stop)
+        sent = self._sent.get(key)
+        if sent is None or start < sent.start:  # rows before what was sent: send them all
+            sent = _Sent(start)
+        first = min(sent.have(group), stop)
+        updates.append((key, sent, stop))
+        return HostRows(tier.seq_id, tier.layer, start, stop, first, _send(tier.keys[:, first:stop]),
+                        _send(tier.values[:, first:stop]), tier.capacity)
 
     def _kill_workers(self) -> None:
         import ray
@@ -288,25 +300,28 @@ class RayBackend(CPUBackend):
 
     def _worker(self, layer: int) -> _Worker:
         if layer not in self._owner:
-            raise ValueError(f"no worker serves layer {layer}: start_lsh first (served: {sorted(self._owner)})")
+            raise ValueError(f"no worker serves layer {layer}: start the workers first "
+                             f"(served: {sorted(self._owner)})")
         return self._owner[layer]
 
-    def _get(self, ref: Any, w: _Worker, what: str, timeout: float | None = None) -> Any:
+    def _get(self, ref: Any, w: _Worker, what: str, timeout: float | None = None, actor: Any = None) -> Any:
         """``ray.get`` bounded by ``timeout`` (default ``timeout_s``); a dead or silent worker
-        becomes a :class:`WorkerError` (a silent one is killed)."""
+        becomes a :class:`WorkerError` (a silent one is killed). ``actor``: the actor the call
+        went to, if it may have been replaced since (then only it is marked dead)."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
         timeout = self.timeout_s if timeout is None else timeout
+        actor = w.actor if actor is None else actor
         try:
             return ray.get(ref, timeout=timeout)
         except RayActorError as e:
-            w.dead = True
+            w.dead = w.dead or actor is w.actor
             raise WorkerError(f"{w} died during {what}: the request fails "
                               f"({type(e).__name__}: {first_line(e)})") from e
         except GetTimeoutError as e:
-            w.dead = True
-            ray.kill(w.actor)
+            w.dead = w.dead or actor is w.actor
+            ray.kill(actor)
             raise WorkerError(f"{w} did not answer {what} within {timeout:g} s (timeout_s): "
                               f"it was killed and the request fails") from e
 
@@ -327,22 +342,15 @@ def _advise_passive_wait() -> None:
 _advised = False
 
 
-def _rows(keys: Tensor, values: Tensor, start: int, stop: int) -> Rows:
-    """Rows ``[start, stop)`` of a layer's host tier as contiguous arrays to send; bfloat16 and
-    float16 rows are converted to float32 here (the actor's copy is float32; numpy has no
-    bfloat16), other dtypes go as they are (the actor rejects them)."""
-    return Rows(start, _send(keys[:, start:stop]), _send(values[:, start:stop]), keys.shape[1])
-
-
 def _send(rows: Tensor) -> np.ndarray:
+    """Rows of a host tier as a contiguous array to send; bfloat16 and float16 rows are
+    converted to float32 here (the actor's copy is float32; numpy has no bfloat16), other
+    dtypes go as they are (the actor rejects them)."""
+    if isinstance(rows, np.ndarray):
+        rows = torch.from_numpy(rows)
     if rows.dtype in (torch.bfloat16, torch.float16):
         rows = rows.float()
     return np.ascontiguousarray(rows.numpy())
-
-
-def _tensors(arrays: tuple[np.ndarray, ...]) -> tuple[Tensor, ...]:
-    """Tensors of arrays returned by an actor (read-only views of the object store: copied)."""
-    return tuple(torch.from_numpy(np.array(a)) for a in arrays)
 
 
 def _done(ref: Any) -> bool:

@@ -29,7 +29,7 @@ def speed_once(llm: LLM, batch: list[list[int]], n_decode: int) -> dict:
         host_kv_bytes=max(o.stats.host_kv_bytes for o in outs),
         h2d_bytes_per_token=last.h2d_bytes_per_token,
         cache_hit_rate=last.cache_hit_rate,
-        lsh_table_bytes=max(getattr(o.stats, "lsh_table_bytes", 0) or 0 for o in outs) or None,
+        lsh_table_bytes=max(o.stats.policy.get("lsh_table_bytes", 0) for o in outs) or None,
     )
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from hetero.cache.pages import OFFLOADED, OutOfPages, PageAllocator, SeqPages
 from hetero.config import ModelConfig
-from hetero.device import Device, format_size
+from hetero.device import Counter, Device, format_size
 
 
 @dataclass(slots=True)
@@ -64,7 +64,8 @@ class KVStore:
         self._set_pool(self._new_pool(0 if self.grows else n_pages))
         self.tables: dict[int, SeqPages] = {}
         self.host: dict[int, Tensor] = {}  # [L, 2, Hkv, capacity, D] per offloading sequence
-        self.cache_hits = self.cache_misses = 0
+        self._rows: dict[int, Tensor] = {}  # device copy of each sequence's page tables
+        self.hits, self.misses = Counter(), Counter()  # page-cache lookups, in pages of one KV head
 
     # -- sequences -----------------------------------------------------------------------
 
@@ -87,11 +88,15 @@ class KVStore:
                 f"device_kv_budget {format_size(self.budget)} is free: raise device_kv_budget, "
                 f"shorten the prompt or max_new_tokens, or send fewer prompts"
             )
+        entries = []
         for layer, n in need.items():
             # one run per layer when free: the CPU path reads it as one view
-            ahead = table.ahead[layer]
-            table.layers[layer] += ahead[:n] + self._allocate(max(0, n - len(ahead)))
+            ahead, pages = table.ahead[layer], table.layers[layer]
+            new = ahead[:n] + self._allocate(max(0, n - len(ahead)))
+            entries += [(layer, len(pages) + i, p) for i, p in enumerate(new)]
+            pages += new
             del ahead[:n]
+        self._set_rows(seq_id, entries)
         return table
 
     def prepare(self, n_pages: int) -> None:
@@ -105,6 +110,7 @@ class KVStore:
         if table is not None:
             self.allocator.free(table.on_device())
         self.host.pop(seq_id, None)
+        self._rows.pop(seq_id, None)
 
     def slots(self, seq_id: int, start: int, n: int, layers: range | None = None) -> Tensor:
         """Pool slots [len(layers), n] (int64, device) of positions ``start..start+n-1`` per
@@ -117,21 +123,43 @@ class KVStore:
         assert all(p >= 0 for row in rows for p in row), "writing to a page that is not on the device"
         pages = torch.tensor(rows)  # [L, n_pages]
         pos = torch.arange(start, start + n)
-        return (pages[:, pos // ps - first] * ps + pos % ps).to(self.device.device)
+        return self.device.tensor(pages[:, pos // ps - first] * ps + pos % ps, torch.int64)
 
     def write(self, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Store one layer's ``k``, ``v`` [N, Hkv, D] at pool ``slots`` [N]."""
         self.k.index_copy_(1, slots, k.transpose(0, 1))
         self.v.index_copy_(1, slots, v.transpose(0, 1))
 
-    def block_tables(self, seq_ids: list[int]) -> Tensor:
-        """Page ids [L, B, max_pages] (int32, device) of each layer and sequence; -1 pads."""
-        width = max(self.tables[s].n_pages for s in seq_ids)
-        rows = [
-            [pages + [OFFLOADED] * (width - len(pages)) for s in seq_ids for pages in [self.tables[s].layers[l]]]
-            for l in range(self.cfg.n_layers)
-        ]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device.device)
+    def block_tables(self, seq_ids: list[int], width: int | None = None) -> Tensor:
+        """Page ids [L, B, width] (int32, device) of each layer and sequence, -1 for offloaded
+        pages and padding; ``width`` defaults to the most pages of any of them. Read from the
+        device copy of the page tables that :meth:`reserve` and :meth:`offload` keep up to
+        date: nothing is built from Python lists per call."""
+        width = max(self.tables[s].n_pages for s in seq_ids) if width is None else width
+        rows = [self._device_rows(s, width)[:, :width] for s in seq_ids]
+        return rows[0][:, None] if len(rows) == 1 else torch.stack(rows, dim=1)
+
+    def _device_rows(self, seq_id: int, width: int = 0) -> Tensor:
+        """The device copy [L, capacity] of ``seq_id``'s page tables (-1 past its pages),
+        at least ``width`` wide."""
+        rows = self._rows.get(seq_id)
+        if rows is None or rows.shape[1] < width:
+            table = self.tables[seq_id]
+            cap = max(width, -(-table.capacity // self.page_size), table.n_pages,
+                      0 if rows is None else 2 * rows.shape[1])
+            new = torch.full((self.cfg.n_layers, cap), OFFLOADED, dtype=torch.int32, device=self.device.device)
+            if rows is not None:
+                new[:, : rows.shape[1]] = rows
+            rows = self._rows[seq_id] = new
+        return rows
+
+    def _set_rows(self, seq_id: int, entries: list[tuple[int, int, int]]) -> None:
+        """Write ``(layer, page index, device page)`` entries into the device copy of the
+        page tables: one upload, one scatter."""
+        if entries:
+            rows = self._device_rows(seq_id, max(i for _, i, _ in entries) + 1)
+            layer, idx, page = self.device.tensor(entries, torch.int64).unbind(1)
+            rows.index_put_((layer, idx), page.to(torch.int32))
 
     # -- host tier -----------------------------------------------------------------------
 
@@ -166,12 +194,13 @@ class KVStore:
             return None
         pages = self.tables[seq_id].layers[layer]
         assert all(pages[i] != OFFLOADED for i in page_idx), "offloading a page twice"
-        src = torch.tensor([pages[i] for i in page_idx], device=self.k.device)
+        src = self.device.tensor([pages[i] for i in page_idx], torch.int64)
         kv = self._pages(self.kv).index_select(1, src)  # [2 * Hkv, n, ps, D]
         self.device.to_host(self._pages(self.host[seq_id][layer]), kv, index=torch.tensor(page_idx))
         self.allocator.free([pages[i] for i in page_idx])
         for i in page_idx:
             pages[i] = OFFLOADED
+        self._set_rows(seq_id, [(layer, i, OFFLOADED) for i in page_idx])
         return kv[: self.cfg.n_kv_heads]
 
     def fetch(self, seq_id: int, layer: int, page_idx: list[int], capacity: int) -> list[int]:
@@ -183,8 +212,8 @@ class KVStore:
         cache = table.cache[layer]
         wanted = set(page_idx)
         missing = [i for i in page_idx if i not in cache]
-        self.cache_hits += (len(page_idx) - len(missing)) * self.cfg.n_kv_heads
-        self.cache_misses += len(missing) * self.cfg.n_kv_heads
+        self.hits.add((len(page_idx) - len(missing)) * self.cfg.n_kv_heads)
+        self.misses.add(len(missing) * self.cfg.n_kv_heads)
         for i in page_idx:
             if i in cache:
                 cache.move_to_end(i)
@@ -208,26 +237,11 @@ class KVStore:
     def free(self, pages: list[int]) -> None:
         self.allocator.free(pages)
 
-    def load_head_pages(self, seq_id: int, layer: int, heads: Tensor, src: Tensor, dst: Tensor) -> None:
-        """Copy K and V of KV head ``heads[i]`` of offloaded page ``src[i]`` of one layer from
-        the host tier into that head of device page ``dst[i]`` (int64 [n] each; the host
-        gathers the rows, so on CUDA ``src`` is read back)."""
-        ps, hkv = self.page_size, self.cfg.n_kv_heads
-        n_host, n_pool = self.host[seq_id].shape[3] // ps, self.kv.shape[2] // ps
-        rows = heads * n_host + src  # rows of the [2 * Hkv * pages] views; V's follow K's
-        rows = torch.cat([rows, rows + hkv * n_host])
-        if rows.is_cuda:
-            rows = rows.cpu()
-        dst = heads.to(dst.device) * n_pool + dst
-        self.device.to_device(self._head_pages(self.kv),
-                              self.device.host_gather(self._head_pages(self.host[seq_id][layer]), 1, rows),
-                              index=torch.cat([dst, dst + hkv * n_pool]))
-
-    def copy_pages(self, dst: list[int], src: list[int]) -> None:
-        """Copy device pages ``src`` onto device pages ``dst`` (all heads, K and V)."""
-        pool, device = self._pages(self.kv), self.kv.device
-        pool.index_copy_(1, torch.tensor(dst, device=device),
-                         pool.index_select(1, torch.tensor(src, device=device)))
+    def copy_pages(self, index: Tensor) -> None:
+        """Copy device pages ``index[1]`` onto device pages ``index[0]`` (int64 [2, n] on the
+        device; all heads, K and V)."""
+        pool = self._pages(self.kv)
+        pool.index_copy_(1, index[0], pool.index_select(1, index[1]))
 
     def drop_cache(self, seq_id: int, layer: int) -> None:
         """Free the page cache of one layer of ``seq_id`` (the host tier keeps the KV)."""
@@ -274,11 +288,6 @@ class KVStore:
         copied by page index (one run of ``ps * D`` per page and head)."""
         return t.view(-1, t.shape[-2] // self.page_size, self.page_size, t.shape[-1])
 
-    def _head_pages(self, t: Tensor) -> Tensor:
-        """A pool or host tier viewed as ``[1, H * n_pages, ps, D]``: the page ``p`` of head
-        ``h`` is row ``h * n_pages + p``."""
-        return t.view(1, -1, self.page_size, t.shape[-1])
-
     # -- reporting -----------------------------------------------------------------------
 
     def memory_report(self) -> MemoryReport:
@@ -291,6 +300,6 @@ class KVStore:
             host_kv_bytes=sum(h.numel() * h.element_size() for h in self.host.values()),
             h2d_bytes=t.h2d_bytes,
             d2h_bytes=t.d2h_bytes,
-            cache_hits=self.cache_hits,
-            cache_misses=self.cache_misses,
+            cache_hits=self.hits.value,
+            cache_misses=self.misses.value,
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hetero.policies.base import DecodeStep, Policy, pack_tables
+from hetero.policies.base import DecodeStep, LayerTables, Policy, StepPlan, pack_rows
 from hetero.policies.dense import DensePolicy
 from hetero.policies.exact import exact_attention
 from hetero.policies.magicpig import MagicPIGPolicy
@@ -69,6 +69,7 @@ def make_policy(name: str, **params) -> Policy:
 
 
 __all__ = [
-    "POLICIES", "DecodeStep", "DensePolicy", "MagicPIGPolicy", "Policy", "QuestPolicy", "StreamingPolicy",
-    "exact_attention", "make_policy", "pack_tables", "parse_policy_params", "policy_options", "register_policy",
+    "POLICIES", "DecodeStep", "DensePolicy", "LayerTables", "MagicPIGPolicy", "Policy", "QuestPolicy", "StepPlan",
+    "StreamingPolicy", "exact_attention", "make_policy", "pack_rows", "parse_policy_params", "policy_options",
+    "register_policy",
 ]

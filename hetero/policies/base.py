@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -22,33 +22,61 @@ from hetero.config import ModelConfig
 
 @dataclass(slots=True)
 class DecodeStep:
-    """Per-step metadata shared by every layer of one decode step (built once per step).
-
-    ``n_tokens`` (host) and ``kv_lens`` [B, Hkv] int32 (device): tokens of each sequence,
-    the new token included.
-    """
+    """What the engine knows of one decode step, on the host: the batch's sequences and
+    their token counts (the new token included). Built once per step."""
 
     store: KVStore
     seq_ids: list[int]
     n_tokens: list[int]
-    kv_lens: Tensor
     scale: float
-    _tables: Tensor | None = None
-
-    def host_tables(self, layer: int) -> PagedTables:
-        """The host copy of ``block_tables[layer]`` and ``kv_lens``."""
-        hkv = self.kv_lens.shape[1]
-        return PagedTables([[self.store.tables[s].layers[layer]] for s in self.seq_ids],
-                           [[n] * hkv for n in self.n_tokens])
 
     @property
-    def block_tables(self) -> Tensor:
-        """[L, B, Hkv, P] int32 device pages of every layer (-1: offloaded or padding),
-        built on first use."""
-        if self._tables is None:
-            b, hkv = self.kv_lens.shape
-            self._tables = self.store.block_tables(self.seq_ids)[:, :, None, :].expand(-1, b, hkv, -1)
-        return self._tables
+    def tables(self) -> list[SeqPages]:
+        return [self.store.tables[s] for s in self.seq_ids]
+
+
+@dataclass(slots=True)
+class LayerTables:
+    """What the decode kernel reads of one layer: ``block_table`` [B, Hkv, P] and
+    ``kv_lens`` [B, Hkv] (int32, device) and their host copy ``host``."""
+
+    block_table: Tensor
+    kv_lens: Tensor
+    host: PagedTables
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """Everything a decode step's layers need, built once per step by :meth:`Policy.plan`
+    before layer 0 runs: ``layers[l]`` the tables of layer ``l`` (the resident set, unless
+    the policy's plan says otherwise). Policies that need more subclass it."""
+
+    step: DecodeStep
+    layers: list[LayerTables]
+
+
+def pack_rows(step: DecodeStep, rows: dict[int, list[list[int]]]) -> dict[int, LayerTables]:
+    """Tables of the layers in ``rows``: ``rows[l][b]`` lists the device pages sequence
+    ``b`` attends to in layer ``l`` in token order, shared by its KV heads, the last one the
+    sequence's last (partial) page. One upload for all the layers' pages, one for their
+    lengths."""
+    if not rows:
+        return {}
+    store = step.store
+    ps, hkv = store.page_size, store.cfg.n_kv_heads
+    last = [n - (n - 1) // ps * ps for n in step.n_tokens]  # tokens in the last page
+    width = max(len(r) for layer_rows in rows.values() for r in layer_rows)
+    pages = [[r + [OFFLOADED] * (width - len(r)) for r in layer_rows] for layer_rows in rows.values()]
+    lens = [[(len(r) - 1) * ps + t for r, t in zip(layer_rows, last)] for layer_rows in rows.values()]
+    dev = store.device.tensor([[[*p, n] for p, n in zip(ps_l, ls_l)] for ps_l, ls_l in zip(pages, lens)],
+                              torch.int32)  # [n_layers, B, width + 1]: pages, then the length
+    b = len(step.seq_ids)
+    return {
+        layer: LayerTables(dev[i, :, None, :width].expand(b, hkv, width),
+                           dev[i, :, width, None].expand(b, hkv),
+                           PagedTables([[r] for r in layer_rows], [[n] * hkv for n in lens[i]]))
+        for i, (layer, layer_rows) in enumerate(rows.items())
+    }
 
 
 @dataclass(slots=True)
@@ -58,6 +86,7 @@ class Policy(ABC):
     attention streams offloaded pages through the page cache ``stream_pages`` at a time."""
 
     name: ClassVar[str]
+    raw_qk: ClassVar[bool] = False  # whether the engine calls on_qk
     n_sink: int = 4
     n_local: int = 64
     dense_layers: int = 0
@@ -149,11 +178,19 @@ class Policy(ABC):
     def bind(self, backend: CPUBackend, store: KVStore) -> None:
         """Called once by the facade with the execution backend (CPU workers) and the store."""
 
+    def on_admit(self, store: KVStore, seq_id: int) -> None:
+        """Called as a sequence is admitted (its page tables exist, nothing is written)."""
+
+    def on_qk(self, layer: int, seq_ids: list[int], q: Tensor, k: Tensor) -> None:
+        """One layer's queries [N, Hq, D] and keys [N, Hkv, D] *before* the rotary embedding:
+        at decode one row per sequence of ``seq_ids``, at prefill a chunk of one sequence.
+        Called only for a policy that sets ``raw_qk = True``."""
+
     def on_offload(self, store: KVStore, seq_id: int, layer: int, page_idx: list[int], k: Tensor) -> None:
         """Called by the engine as pages ``page_idx`` of one layer leave for the host tier,
         with their keys ``k`` [Hkv, n, page_size, D] (a device copy; the pages are free)."""
 
-    def on_prefill_layer_done(self, store: KVStore, seq_id: int, layer: int, settled: int) -> None:
+    def on_layer_prefilled(self, store: KVStore, seq_id: int, layer: int, settled: int) -> None:
         """Called by the engine as each layer finishes a prompt's last chunk, before the next
         layer runs: the layer's KV is written and, in sparse layers of an offloading
         sequence, its pages before ``settled`` are on the host tier."""
@@ -161,11 +198,63 @@ class Policy(ABC):
     def on_release(self, seq_id: int) -> None:
         """Called by the engine before a sequence's KV is freed."""
 
-    # -- attention -----------------------------------------------------------------------
+    def stats(self, seq_id: int | None = None) -> dict[str, Any]:
+        """The policy's figures (e.g. bytes of the state it keeps) of one sequence, read as
+        its request finishes, before ``on_release`` (``RequestStats.policy``), or with
+        ``None`` of all live sequences (``LLM.memory_report()["policy"]``). JSON-ready
+        values."""
+        return {}
+
+    def export_state(self, seq_id: int) -> dict[str, Tensor]:
+        """The policy's per-sequence state as named CPU tensors (saved with the sequence's
+        KV), so that :meth:`import_state` restores it; empty for a stateless policy."""
+        return {}
+
+    def import_state(self, store: KVStore, seq_id: int, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`export_state` returned into admitted sequence ``seq_id``,
+        whose KV is in the store as when it was exported."""
+        if state:
+            raise ValueError(f"{self.name} keeps no per-sequence state, got {sorted(state)}")
+
+    # -- decode: plan once per step, run per layer ----------------------------------------
+
+    def plan(self, step: DecodeStep) -> StepPlan:
+        """Called once per decode step before the layers run: build, from host-side state,
+        every table the layers will read (as device tensors). The default: each layer's
+        resident set."""
+        return StepPlan(step, self.resident_tables(step))
 
     @abstractmethod
-    def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
-        """Attention output [B, Hq, D] for queries ``q`` [B, Hq, D] of one layer."""
+    def run(self, layer: int, q: Tensor, plan: StepPlan) -> Tensor:
+        """Attention output [B, Hq, D] for queries ``q`` [B, Hq, D] of one layer (its k and v
+        are in the store). Launches work; never reads a device tensor on the host."""
+
+    def resident_tables(self, step: DecodeStep) -> list[LayerTables]:
+        """Every layer's tables over its resident set (:meth:`resident_pages`)."""
+        tables = step.tables
+        return self.layer_tables(step, {
+            layer: [self.resident_pages(t, layer) for t in tables]
+            for layer in range(step.store.cfg.n_layers) if not _whole(tables, layer)
+        })
+
+    def layer_tables(self, step: DecodeStep, rows: dict[int, list[list[int]]]) -> list[LayerTables]:
+        """Every layer's tables: the layers in ``rows`` packed from those page lists
+        (:func:`pack_rows`, one upload); every other layer reads the whole of each
+        sequence's pages from the store's device page tables (a layer no sequence of the
+        batch has offloaded: dense layers, sequences that do not offload)."""
+        store, hkv, n_layers = step.store, step.store.cfg.n_kv_heads, step.store.cfg.n_layers
+        tables, b = step.tables, len(step.seq_ids)
+        packed = pack_rows(step, rows)
+        if len(packed) == n_layers:
+            return [packed[layer] for layer in range(n_layers)]
+        width = max(t.n_pages for t in tables)
+        pages = store.block_tables(step.seq_ids, width)  # [L, B, width]
+        lens = store.device.tensor(step.n_tokens, torch.int32)[:, None].expand(b, hkv)
+        host_lens = [[n] * hkv for n in step.n_tokens]
+        return [packed[layer] if layer in packed else
+                LayerTables(pages[layer, :, None].expand(b, hkv, width), lens,
+                            PagedTables([[t.layers[layer]] for t in tables], host_lens))
+                for layer in range(n_layers)]
 
     def resident_pages(self, table: SeqPages, layer: int) -> list[int]:
         """Device pages holding the tokens of one layer, in token order: the resident set,
@@ -179,18 +268,6 @@ class Policy(ABC):
         return pages
 
 
-def pack_tables(
-    rows: list[list[int]], n_tokens: list[int], page_size: int, hkv: int, device: torch.device
-) -> tuple[Tensor, Tensor, PagedTables]:
-    """Block tables [B, Hkv, P] (int32, -1 pads) and kv_lens [B, Hkv] from per-sequence page
-    lists shared by every KV head, whose last page is the sequence's last (partial) page,
-    and their host copy for the CPU path. A single row stays a stride-0 view over heads."""
-    lens = []
-    for r, n in zip(rows, n_tokens):
-        last = n - (n - 1) // page_size * page_size  # tokens in the last page
-        lens.append((len(r) - 1) * page_size + last)
-    width = max(len(r) for r in rows)
-    table = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)
-    host = PagedTables([[r] for r in rows], [[n] * hkv for n in lens])
-    lens_t = torch.tensor(lens, dtype=torch.int32)[:, None].expand(-1, hkv)
-    return table[:, None, :].expand(-1, hkv, -1).to(device), lens_t.to(device), host
+def _whole(tables: list[SeqPages], layer: int) -> bool:
+    """Whether every sequence keeps all its pages of ``layer`` on the device."""
+    return all(not t.offloaded or t.layers[layer][t.offloaded.start] != OFFLOADED for t in tables)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from gpu_kernels import paged_decode_attention
 from hetero.config import ModelConfig
-from hetero.policies.base import DecodeStep, Policy
+from hetero.policies.base import Policy, StepPlan
 from hetero.policies.exact import exact_attention
 
 
@@ -26,13 +26,12 @@ class DensePolicy(Policy):
         # a decode step streams one layer's offloaded pages at a time through its page cache
         return Policy.steady_pages(self, cfg, n_tokens, page_size) + self.stream_pages
 
-    def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
-        store = step.store
-        if not any(store.tables[s].offload for s in step.seq_ids):
-            out, _ = paged_decode_attention(
-                q, store.k, store.v, step.block_tables[layer], step.kv_lens, step.scale,
-                store.page_size, step.host_tables(layer),
-            )
+    def run(self, layer: int, q: Tensor, plan: StepPlan) -> Tensor:
+        step, store = plan.step, plan.step.store
+        if not any(t.offload for t in step.tables):
+            tables = plan.layers[layer]
+            out, _ = paged_decode_attention(q, store.k, store.v, tables.block_table, tables.kv_lens,
+                                            step.scale, store.page_size, tables.host)
             return out
         rows = []
         for b, s in enumerate(step.seq_ids):

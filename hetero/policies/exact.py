@@ -34,8 +34,8 @@ def exact_attention(
     partials = []
     if c > 1:  # the chunk over itself, causal
         assert start % ps == 0, "prefill chunks start on a page boundary"
-        own = torch.tensor(pages[start // ps : -(-(start + c) // ps)], dtype=torch.int32)
-        partials.append(prefill_attention(q, store.k, store.v, own.to(q.device), 0, scale, ps))
+        own = store.device.tensor(pages[start // ps : -(-(start + c) // ps)], torch.int32)
+        partials.append(prefill_attention(q, store.k, store.v, own, 0, scale, ps))
         n_prior = start
     else:  # decode: every key, the new one included, without a mask
         n_prior = start + 1
@@ -59,10 +59,11 @@ def _unmasked(q: Tensor, store: KVStore, pages: list[int], n_tokens: int, scale:
     """Attention of every query of ``q`` [C, Hq, D] over ``n_tokens`` tokens of device
     ``pages``: the prefill kernel's unmasked mode for a chunk, the decode kernel for one
     query."""
-    table = torch.tensor(pages, dtype=torch.int32, device=q.device)
     if q.shape[0] > 1:
+        table = store.device.tensor(pages, torch.int32)
         return prior_attention(q, store.k, store.v, table, n_tokens, scale, store.page_size)
     hkv = store.cfg.n_kv_heads
-    lens = torch.full((1, hkv), n_tokens, dtype=torch.int32, device=q.device)
-    return paged_decode_attention(q, store.k, store.v, table.expand(1, hkv, -1), lens, scale,
-                                  store.page_size, PagedTables([[pages]], [[n_tokens] * hkv]))
+    table = store.device.tensor([*pages, n_tokens], torch.int32)  # the pages, then the length
+    return paged_decode_attention(q, store.k, store.v, table[None, None, :-1].expand(1, hkv, -1),
+                                  table[None, -1:].expand(1, hkv), scale, store.page_size,
+                                  PagedTables([[pages]], [[n_tokens] * hkv]))

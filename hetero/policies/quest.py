@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gpu_kernels import paged_decode_attention, quest_page_scores
+from cpu_kernels.head_cache import update_head_cache
+from gpu_kernels import gather_head_pages, paged_decode_attention, quest_page_scores
 from hetero.cache import KVStore
 from hetero.config import ModelConfig
-from hetero.policies.base import DecodeStep, Policy, pack_tables
+from hetero.policies.base import DecodeStep, Policy, StepPlan
 
 HEAD_CACHE_SPARE = 2
 """Pages a layer's head cache holds beyond its first selection and resident copies: the
@@ -101,7 +102,7 @@ class QuestPolicy(Policy):
         bounds = state.bounds[layer]
         if not bounds:  # one run for the whole sequence
             bounds += store.allocate(-(-store.tables[seq_id].capacity // ps // ps))
-        slots = torch.tensor([bounds[i // ps] * ps + i % ps for i in page_idx], device=store.k.device)
+        slots = store.device.tensor([bounds[i // ps] * ps + i % ps for i in page_idx], torch.int64)
         store.k.index_copy_(1, slots, k.amin(dim=2))
         store.v.index_copy_(1, slots, k.amax(dim=2))
 
@@ -109,6 +110,34 @@ class QuestPolicy(Policy):
         state = self._seqs.pop(seq_id, None)
         if state is not None:
             self._store.free(state.pages())
+
+    def stats(self, seq_id: int | None = None) -> dict:
+        """Device bytes of the key bounds and head caches (of one sequence, or all)."""
+        states = list(self._seqs.values()) if seq_id is None else [self._seqs.get(seq_id)]
+        n_pages = sum(len(s.pages()) for s in states if s is not None)
+        return {"state_bytes": n_pages * (self._store.page_bytes if self._store else 0)}
+
+    def export_state(self, seq_id: int) -> dict[str, Tensor]:
+        """The key bounds of every layer that has offloaded pages, as ``bounds.<layer>``
+        [2, Hkv, n_pages, D] (min, max) CPU tensors (head caches refill as they are used)."""
+        state = self._seqs.get(seq_id)
+        if state is None:
+            return {}
+        store = self._store
+        return {f"bounds.{layer}": torch.stack(self.key_bounds(store, seq_id, layer)).cpu()
+                for layer, b in enumerate(state.bounds) if b}
+
+    def import_state(self, store: KVStore, seq_id: int, state: dict[str, Tensor]) -> None:
+        ps = store.page_size
+        for name, bounds in state.items():
+            layer = int(name.removeprefix("bounds."))
+            n_pages = bounds.shape[2]
+            pages = self._state(store, seq_id).bounds[layer]
+            if not pages:
+                pages += store.allocate(-(-store.tables[seq_id].capacity // ps // ps))
+            slots = store.device.tensor([pages[i // ps] * ps + i % ps for i in range(n_pages)], torch.int64)
+            store.k.index_copy_(1, slots, bounds[0].to(store.k))
+            store.v.index_copy_(1, slots, bounds[1].to(store.v))
 
     def _state(self, store: KVStore, seq_id: int) -> _SeqState:
         if self._store is None:
@@ -123,7 +152,7 @@ class QuestPolicy(Policy):
         if bounds[-1] - bounds[0] == len(bounds) - 1:  # contiguous (ids come sorted)
             span = slice(bounds[0] * ps, bounds[0] * ps + n_pages)
             return store.k[:, span], store.v[:, span]
-        index = torch.tensor(bounds, device=store.k.device)
+        index = store.device.tensor(bounds, torch.int64)
         return tuple(t.view(t.shape[0], -1, ps, t.shape[-1]).index_select(1, index).flatten(1, 2)[:, :n_pages]
                      for t in (store.k, store.v))
 
@@ -133,25 +162,113 @@ class QuestPolicy(Policy):
         distinct within a head, in no particular order), then copies of the device pages
         ``resident`` (sinks and window; the last may be partial).
 
-        The pages are the layer's head cache, one run of device pages when the allocator
-        has one, so the CPU path reads them as one view and gathers nothing. A head keeps
-        the offloaded pages it holds and still wants where they are, and its new pages are
-        copied from the host tier into the slots of those it no longer wants: it pays for a
-        page only when it picks it anew. Which pages each head holds is device state,
-        updated by tensor ops: the host never reads the picks (on the CPU nothing is read
-        back; on CUDA the host-tier gather waits for the misses' ids). The resident pages
-        are copied on the device. Hits and misses count pages of one KV head.
-        """
+        The pages are the layer's head cache (:meth:`head_slots`), one run of device pages
+        when the allocator has one, so the CPU path reads them as one view and gathers
+        nothing. A head keeps the offloaded pages it holds and still wants where they are;
+        its new picks are copied from the host tier into the slots of those it no longer
+        wants (:func:`fetch_head_pages`): it pays for a page only when it picks it anew.
+        The host never reads the picks. Hits and misses count pages of one KV head."""
+        slots = self.head_slots(store, seq_id, layer, picks.shape[1], len(resident))
+        fetch_head_pages(store, seq_id, layer, slots, picks)
+        picked = slots.pages[: picks.shape[1] + len(resident)]
+        store.copy_pages(store.device.tensor([picked[picks.shape[1]:], resident], torch.int64))
+        return picked
+
+    def head_slots(self, store: KVStore, seq_id: int, layer: int, k: int, n_resident: int) -> HeadSlots:
+        """The layer's head cache for ``k`` picks per head and ``n_resident`` resident pages,
+        (re)allocated when the selection or the window outgrows it (host-side: the plan
+        calls it)."""
         state = self._state(store, seq_id)
-        hkv, k = picks.shape
         slots = state.heads[layer]
-        if slots is None or slots.held.shape[1] != k or len(slots.pages) < k + len(resident):
+        if slots is None or slots.held.shape[1] != k or len(slots.pages) < k + n_resident:
             if slots is not None:  # the selection grew, or the window: start afresh
                 store.free(slots.pages)
-            pages = store.allocate(k + len(resident) + HEAD_CACHE_SPARE)
-            held = torch.full((hkv, k), -1, dtype=torch.int64, device=picks.device)
-            slots = state.heads[layer] = HeadSlots(pages, held, torch.tensor(pages[:k], device=picks.device))
-        n_host = -(-store.tables[seq_id].capacity // store.page_size)  # pages of the host tier
+            pages = store.allocate(k + n_resident + HEAD_CACHE_SPARE)
+            held = torch.full((store.cfg.n_kv_heads, k), -1, dtype=torch.int64, device=store.kv.device)
+            slots = state.heads[layer] = HeadSlots(pages, held, store.device.tensor(pages[:k], torch.int64))
+        return slots
+
+    # -- attention -----------------------------------------------------------------------
+
+    def plan(self, step: DecodeStep) -> _QuestPlan:
+        """Per sparse layer and offloading sequence: the head cache's pages (the layer's
+        table: each head's picks, then copies of the resident pages), how many pages each
+        head picks, and the resident pages to copy, all from host-side state; one upload for
+        every layer's tables, one for the copies."""
+        store, ps = step.store, step.store.page_size
+        rows, work, copies = {}, [[] for _ in range(store.cfg.n_layers)], []
+        tables = step.tables
+        for layer in range(self.dense_layers, store.cfg.n_layers):
+            if not any(t.offloaded for t in tables):
+                break
+            layer_rows = []
+            for b, (s, t) in enumerate(zip(step.seq_ids, tables)):
+                resident, run = self.resident_pages(t, layer), t.offloaded
+                if not run:
+                    layer_rows.append(resident)
+                    continue
+                k = min(self.top_pages(ps), len(run))
+                slots = self.head_slots(store, s, layer, k, len(resident))
+                work[layer].append(_Work(b, s, run, slots, len(copies), len(copies) + len(resident)))
+                copies += zip(slots.pages[k : k + len(resident)], resident)
+                layer_rows.append(slots.pages[: k + len(resident)])
+            rows[layer] = layer_rows
+        copy_idx = store.device.tensor(list(zip(*copies)) or [[], []], torch.int64)  # [2, n]: dst, src
+        return _QuestPlan(step, self.layer_tables(step, rows), work, copy_idx)
+
+    def run(self, layer: int, q: Tensor, plan: _QuestPlan) -> Tensor:
+        store, ps = plan.step.store, plan.step.store.page_size
+        work = plan.work[layer]
+        for w in work:
+            kmin, kmax = self.key_bounds(store, w.seq_id, layer)
+            scores = quest_page_scores(q[w.b], kmin, kmax)[:, w.run.start : w.run.stop]
+            top = scores.topk(w.slots.held.shape[1], dim=1, sorted=False)
+            fetch_head_pages(store, w.seq_id, layer, w.slots, top.indices.add_(w.run.start))
+        if work:  # copies of the resident pages (this step's k and v are written now)
+            store.copy_pages(plan.copies[:, work[0].copies : work[-1].copies_end])
+        tables = plan.layers[layer]
+        out, _ = paged_decode_attention(q, store.k, store.v, tables.block_table, tables.kv_lens,
+                                        plan.step.scale, ps, tables.host)
+        return out
+
+
+@dataclass(slots=True)
+class _Work:
+    """One offloading sequence's share of a sparse layer: batch row ``b``, the offloaded run
+    it selects from, its head cache, and its resident copies ``[copies, copies_end)`` of
+    the plan's copy list."""
+
+    b: int
+    seq_id: int
+    run: range
+    slots: HeadSlots
+    copies: int
+    copies_end: int
+
+
+@dataclass(slots=True)
+class _QuestPlan(StepPlan):
+    work: list[list[_Work]]
+    copies: Tensor
+
+
+def fetch_head_pages(store: KVStore, seq_id: int, layer: int, slots: HeadSlots, picks: Tensor) -> None:
+    """Make each KV head of the layer's head cache ``slots`` hold its ``picks`` [Hkv, k]:
+    keep the pages it holds and still picks, copy its new picks from the host tier into the
+    slots of the others. Counts the misses (and bytes) without reading them back.
+
+    CPU: one numba call (``cpu_kernels.head_cache``). CUDA: tensor ops pair each head's new
+    picks with its free slots, and ``gather_head_pages`` reads them from the pinned host tier
+    (mapped into the device's address space) with a fixed-size launch: no host sync."""
+    hkv, k = picks.shape
+    host, pool = store.host[seq_id][layer], store.kv
+    head_page = 2 * store.page_size * store.cfg.head_dim * store.dtype.itemsize  # K and V, one head
+    if not pool.is_cuda:
+        raw = torch.int16 if store.dtype.itemsize == 2 else torch.int32
+        misses = update_head_cache(host.view(raw).numpy(), pool.view(raw).numpy(), slots.held.numpy(),
+                                   slots.first.numpy(), picks.numpy(), store.page_size)
+    else:
+        n_host = host.shape[2] // store.page_size
         held = torch.where(slots.held < 0, n_host, slots.held)  # n_host: nothing held
         wanted = torch.zeros((hkv, n_host + 1), dtype=torch.bool, device=picks.device)
         have = torch.zeros_like(wanted)
@@ -162,36 +279,9 @@ class QuestPolicy(Policy):
         free = torch.argsort(keep.to(torch.uint8), dim=1, stable=True)
         valid = torch.arange(k, device=picks.device) < fresh.sum(1, keepdim=True)
         slots.held.scatter_(1, free, torch.where(valid, new, slots.held.gather(1, free)))
-        heads = torch.arange(hkv, device=picks.device)[:, None].expand(hkv, k)[valid]
-        src, dst = new[valid], slots.first[free][valid]
-        store.cache_hits += hkv * k - src.numel()
-        store.cache_misses += src.numel()
-        if src.numel():
-            store.load_head_pages(seq_id, layer, heads, src, dst)
-        picked = slots.pages[: k + len(resident)]
-        store.copy_pages(picked[k:], resident)
-        return picked
-
-    # -- attention -----------------------------------------------------------------------
-
-    def attend_decode(self, layer: int, q: Tensor, step: DecodeStep) -> Tensor:
-        store = step.store
-        ps = store.page_size
-        rows = []
-        for b, s in enumerate(step.seq_ids):
-            table = store.tables[s]
-            resident = self.resident_pages(table, layer)
-            run = table.offloaded
-            if layer < self.dense_layers or not run:
-                rows.append(resident)
-                continue
-            kmin, kmax = self.key_bounds(store, s, layer)
-            scores = quest_page_scores(q[b], kmin, kmax)[:, run.start : run.stop]
-            top = scores.topk(min(self.top_pages(ps), len(run)), dim=1, sorted=False)
-            # [Hkv, k] page indices, kept on the device; each KV head's picks land in the same
-            # device pages, followed by copies of the resident ones: one page list for all heads
-            rows.append(self.fetch_heads(store, s, layer, top.indices.add_(run.start), resident))
-        bt, lens, host = pack_tables(rows, [store.tables[s].n_tokens for s in step.seq_ids], ps,
-                                     store.cfg.n_kv_heads, q.device)
-        out, _ = paged_decode_attention(q, store.k, store.v, bt, lens, step.scale, ps, host)
-        return out
+        store.device.wait_host_copies()  # the offloads that wrote the host tier have landed
+        gather_head_pages(host, pool, new, slots.first[free], valid, store.page_size)
+        misses = valid.sum()
+    store.hits.add(hkv * k - misses)
+    store.misses.add(misses)
+    store.device.traffic.h2d.add(misses * head_page)

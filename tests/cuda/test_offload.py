@@ -126,3 +126,47 @@ def test_sparse_policies_offload_in_bf16_within_budget(tiny_model_dir, policy):
     s = out.stats
     assert len(out.token_ids) == 16 and s.d2h_bytes > 0 and s.device_kv_bytes_peak <= s.device_kv_budget
     assert llm.store.allocator.n_used == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_reads_the_pinned_host_tier_from_the_device(dtype):
+    """gather_head_pages on CUDA: the kernel reads pinned host memory directly (UVA)."""
+    from gpu_kernels import gather_head_pages
+    from tests.gpu_kernels.test_gather import _case, _oracle
+
+    host, pool, src, dst, valid, ps = _case(3, hkv=8, ps=16, d=64, n_host=300, n_pool=64, k=20, dtype=dtype)
+    want = _oracle(host, pool, src, dst, valid, ps)
+    pinned, on_dev = host.pin_memory(), pool.to(DEVICE)
+    gather_head_pages(pinned, on_dev, src.to(DEVICE), dst.to(DEVICE), valid.to(DEVICE), ps)
+    assert torch.equal(on_dev.cpu(), want)
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_quest_head_cache_right_after_an_offload_reads_what_landed(busy):
+    """Pages offloaded behind a busy compute stream, then picked at once: the gather waits
+    for the copy stream on the device, and the host never reads the picks."""
+    from hetero.policies.quest import QuestPolicy
+
+    cfg = ModelConfig(vocab_size=32, hidden_size=512, intermediate_size=1024, n_layers=2, n_heads=32,
+                      n_kv_heads=8, head_dim=64)
+    ps, n = 16, 4096
+    store = KVStore(cfg, Device(torch.device(DEVICE)), torch.float32, ps, 256 << 20)
+    store.admit(0, n, offload=True)
+    store.reserve(0, n)
+    slots = store.slots(0, 0, n)
+    k = torch.randn(n, cfg.n_kv_heads, cfg.head_dim, device=DEVICE)
+    store.write(slots[0], k, k + 1)
+    ref = k.transpose(0, 1).cpu().view(cfg.n_kv_heads, -1, ps, cfg.head_dim)  # [Hkv, page, ps, D]
+    pages = list(range(1, n // ps - 4))
+    quest = QuestPolicy(n_sink=ps, n_local=ps, token_budget=2 * ps + 12 * ps, dense_layers=0)
+    if busy:
+        _busy(store.device.device)
+    quest.on_offload(store, 0, 0, pages, store.offload(0, 0, pages))
+    picks = torch.stack([torch.randperm(len(pages))[:12] + 1 for _ in range(cfg.n_kv_heads)]).to(DEVICE)
+    picked = quest.fetch_heads(store, 0, 0, picks, [store.tables[0].layers[0][0]])
+    got = store.k.view(cfg.n_kv_heads, -1, ps, cfg.head_dim)[:, picked[:12]].cpu()
+    held = quest._seqs[0].heads[0].held.cpu()
+    for h in range(cfg.n_kv_heads):
+        assert sorted(held[h].tolist()) == sorted(picks[h].tolist())
+        assert torch.equal(got[h], ref[h, held[h]])
+    assert store.misses.value == 12 * cfg.n_kv_heads and store.hits.value == 0

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 STATS = {"prompt_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s",
          "device_kv_bytes_peak", "device_kv_budget", "host_kv_bytes", "h2d_bytes", "d2h_bytes",
-         "h2d_bytes_per_token", "d2h_bytes_per_token", "cache_hit_rate", "lsh_table_bytes"}
+         "h2d_bytes_per_token", "d2h_bytes_per_token", "cache_hit_rate", "policy"}
 
 
 def test_generate_json_is_one_object_on_stdout(tiny_model_dir, tmp_path, capsys):
@@ -78,7 +78,7 @@ def test_magicpig_flags_reach_the_policy(tiny_model_dir, capsys):
                  "--page-size", "8", "--prefill-chunk", "64", "--max-new-tokens", "4", "--json"])
     assert code == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
-    assert stats["lsh_table_bytes"] > 0 and stats["d2h_bytes"] > 0
+    assert stats["policy"]["lsh_table_bytes"] > 0 and stats["d2h_bytes"] > 0
     assert main(["generate", "--model", tiny_model_dir, "--prompt", "x", "--policy", "magicpig",
                  "--lsh-l", "1"]) == 2
     assert "lsh_l" in capsys.readouterr().err

@@ -3,8 +3,8 @@ needle in ~1.25k tokens is found with a 10% budget as dense attention finds it."
 
 import pytest
 
-from bench.probe import attention_error
 from hetero import LLM, SamplingParams
+from hetero.probe import attention_error
 
 FILLER = open("/usr/share/common-licenses/GPL-3").read()
 

@@ -1,8 +1,13 @@
-"""A decode step reads nothing back from the device inside its layer loop: every policy
-plans from host-side state and launches kernels (counted on the CPU, where each such read
-would be a synchronisation on a GPU)."""
+"""A decode step reads nothing back from the device: every policy plans from host-side
+state once per step and its layers launch kernels (counted on the CPU, where each such read
+would be a synchronisation on a GPU; the one read a step needs, the sampled tokens, happens
+in the scheduler after ``Engine.decode``). And no module of the decode path builds a device
+tensor with ``torch.tensor(..., device=...)``, which on CUDA waits for the stream: host data
+goes up through ``Device.tensor`` (pinned, non-blocking)."""
 
+import ast
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,23 +15,29 @@ import torch
 from hetero import LLM, SamplingParams
 
 TEXT = open("/usr/share/common-licenses/Apache-2.0").read()[:2000]
-READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+# .numpy() is not counted: on a CUDA tensor it raises instead of synchronising, so only CPU
+# kernels (quest's head cache in numba) call it, on the CPU path
+READS = ("item", "tolist", "cpu", "__int__", "__float__", "__bool__", "__index__")
+ROOT = Path(__file__).resolve().parents[2]
+DECODE_PATH = ["hetero/engine.py", "hetero/cache/store.py",
+               *(str(p.relative_to(ROOT)) for p in (ROOT / "hetero/policies").glob("*.py"))]
 
 
 class HostReads:
     """Counts reads of tensor values into Python (``.item()``, ``.tolist()``, ``.cpu()``,
-    ``int(t)``, ``bool(t)``, ...) made by this thread while a transformer block runs during
-    ``Engine.decode``."""
+    ``int(t)``, ``bool(t)``, ...) made by this thread during ``Engine.decode``: ``count`` in
+    all, ``in_layers`` while a transformer block runs."""
 
     def __init__(self, llm, monkeypatch):
-        self.count, self.where, self._in_block, self._decoding = 0, [], False, False
+        self.count, self.in_layers, self.where, self._in_block, self._decoding = 0, 0, [], False, False
         main = threading.get_ident()
         for name in READS:
             real = getattr(torch.Tensor, name)
 
             def spy(t, *args, _real=real, _name=name, **kwargs):
-                if self._in_block and self._decoding and threading.get_ident() == main:
+                if self._decoding and threading.get_ident() == main:
                     self.count += 1
+                    self.in_layers += self._in_block
                     self.where.append(_name)
                 return _real(t, *args, **kwargs)
 
@@ -81,8 +92,30 @@ def test_no_host_read_inside_the_layer_loop_of_a_decode_step(tiny_model_dir, mon
 def test_the_counter_sees_a_read(tiny_model_dir, monkeypatch):
     llm = LLM(tiny_model_dir, device="cpu", device_kv_budget="8MiB")
     reads = HostReads(llm, monkeypatch)
-    attend = type(llm.policy).attend_decode
-    monkeypatch.setattr(type(llm.policy), "attend_decode",
-                        lambda self, layer, q, step: attend(self, layer, q, step) + 0 * q.sum().item())
+    run = type(llm.policy).run
+    monkeypatch.setattr(type(llm.policy), "run",
+                        lambda self, layer, q, plan: run(self, layer, q, plan) + 0 * q.sum().item())
     llm.generate("Hello there", SamplingParams(max_new_tokens=3, ignore_eos=True))
-    assert reads.count == 2 * 2 and reads.where == ["item"] * 4  # 2 steps x 2 layers
+    assert reads.count == reads.in_layers == 2 * 2 and reads.where == ["item"] * 4  # 2 steps x 2 layers
+
+
+def _device_tensor_calls(path: Path) -> list[int]:
+    """Lines of ``torch.tensor(...)``/``torch.as_tensor(...)`` calls given a ``device=``."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("tensor", "as_tensor") and any(k.arg == "device" for k in node.keywords)):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_decode_path_uploads_host_data_without_waiting():
+    assert len(DECODE_PATH) > 5
+    found = {p: _device_tensor_calls(ROOT / p) for p in DECODE_PATH}
+    assert {p: lines for p, lines in found.items() if lines} == {}
+
+
+def test_the_upload_check_sees_a_blocking_upload(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch\nx = torch.tensor([1], device='cuda')\ny = torch.tensor([1])\n")
+    assert _device_tensor_calls(bad) == [2]

@@ -4,10 +4,8 @@ a policy the package does not know, registered, run through ``LLM`` and the CLI.
 
 import ast
 import json
-from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
@@ -16,6 +14,7 @@ from hetero import LLM, SamplingParams
 from hetero.backend import CPUBackend, backend_factory, backend_names, check_backend
 from hetero.cli import main
 from hetero.policies import POLICIES, StreamingPolicy, register_policy
+from tests.hetero.toy_policy import ToyPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = {"hetero", "gpu_kernels", "cpu_kernels", "orchestrator", "bench", "tools", "tests", "examples"}
@@ -95,27 +94,10 @@ def test_a_command_that_cannot_load_fails_only_when_used(monkeypatch, capsys):
 # -- a policy the package does not know -----------------------------------------------------
 
 
-@dataclass(slots=True)
-class ToyPolicy(StreamingPolicy):
-    """Streaming, with options of every type the CLI reads."""
-
-    name = "toy"
-    x: int = 0
-    ratio: float = 0.5
-    on: bool = False
-    label: str = ""
-    made: ClassVar[list] = []  # every instance, to see what the options became
-
-    def __post_init__(self):
-        StreamingPolicy.__post_init__(self)
-        if self.x < 0:
-            raise ValueError(f"toy: x must be >= 0, got {self.x}")
-        ToyPolicy.made.append(self)
-
-
 @pytest.fixture
 def toy():
-    """ToyPolicy registered as "toy" (register_policy), nothing else changed."""
+    """ToyPolicy (one file, ``toy_policy.py``) registered as "toy" (register_policy), nothing
+    else changed."""
     register_policy(ToyPolicy)
     ToyPolicy.made.clear()
     yield ToyPolicy
@@ -138,14 +120,17 @@ def test_a_registered_policy_runs_through_llm(tiny_model_dir, toy):
              policy="toy", policy_params={"x": 1, "n_local": 16}) as llm:
         (out,) = llm.generate(TEXT, SamplingParams(max_new_tokens=4, ignore_eos=True))
         assert isinstance(llm.policy, toy) and llm.policy.x == 1
-    assert len(out.token_ids) == 4 and out.stats.d2h_bytes > 0  # it offloaded, as streaming does
+        assert llm.memory_report()["policy"] == {"offloaded_pages": 0}  # nothing live
+    assert len(out.token_ids) == 4 and out.stats.d2h_bytes > 0  # it offloaded
+    assert out.stats.policy["offloaded_pages"] > 0  # its hooks ran, its statistics came back
 
 
 def test_a_registered_policy_runs_through_the_cli(tiny_model_dir, toy, capsys):
     assert main(["generate", "--model", tiny_model_dir, "--prompt", TEXT, *SMALL, "--policy", "toy",
                  "--policy-param", "x=1", "--policy-param", "ratio=0.25", "--policy-param", "on=yes",
                  "--policy-param", "label=a=b", "--n-local", "16", "--max-new-tokens", "4", "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 4 and out["stats"]["policy"]["offloaded_pages"] > 0
     (policy,) = toy.made
     assert (policy.x, policy.ratio, policy.on, policy.label, policy.n_local) == (1, 0.25, True, "a=b", 16)
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import hetero.policies.magicpig as magicpig
-from bench.probe import attention_error
 from hetero import LLM, SamplingParams
 from hetero.cache import OFFLOADED
 from hetero.policies import POLICIES, make_policy
+from hetero.probe import attention_error
 
 TEXT = open("/usr/share/common-licenses/Apache-2.0").read()[:1500]
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -55,10 +55,10 @@ def test_zero_bits_equal_dense_with_the_decode_tail(tiny_model_dir, tiny_ids, de
     llm = _tiny(tiny_model_dir, lsh_k=0, lsh_l=2, n_sink=4, n_local=16, dense_layers=0)
     (out,) = llm.generate(tiny_ids, SamplingParams(max_new_tokens=40, ignore_eos=True))
     assert out.token_ids == dense_tokens
-    read, offloaded = llm.backend.key_counts()
+    read, offloaded = llm.policy.key_counts()
     assert read == offloaded > 0  # every offloaded key, the tail included, was read
-    assert out.stats.lsh_table_bytes > 0 and out.stats.d2h_bytes > 0
-    rep = llm.memory_report()
+    assert out.stats.policy["lsh_table_bytes"] > 0 and out.stats.d2h_bytes > 0
+    rep = llm.memory_report()["policy"]
     assert rep["lsh_table_bytes"] == 0 and rep["lsh_table_bytes_per_layer"] == [0, 0]
     assert llm.store.allocator.n_used == 0
 
@@ -70,8 +70,8 @@ def test_a_batch_makes_one_worker_call_per_layer_and_step(tiny_model_dir, tiny_i
     (want_other,) = _tiny(tiny_model_dir, "dense").generate(other, params)
     llm = _tiny(tiny_model_dir, lsh_k=0, lsh_l=2, n_sink=4, n_local=16, dense_layers=0)
     calls = []
-    submit = llm.backend.submit_attend
-    llm.backend.submit_attend = lambda layer, seqs, *a: calls.append(len(seqs)) or submit(layer, seqs, *a)
+    attend = llm.policy.lsh.attend
+    llm.policy.lsh.attend = lambda layer, seqs, *a: calls.append(len(seqs)) or attend(layer, seqs, *a)
     outs = llm.generate([tiny_ids, other], params)
     assert [o.token_ids for o in outs] == [dense_tokens, want_other.token_ids]
     assert len(calls) == llm.config.n_layers * (params.max_new_tokens - 1) and set(calls) == {2}
@@ -83,10 +83,10 @@ def test_a_layer_s_build_starts_before_the_next_layer_runs(tiny_model_dir, tiny_
     # layer runs its first chunk
     llm = _tiny(tiny_model_dir, n_local=16, dense_layers=0)
     events = []
-    submit = llm.backend.submit_build
-    llm.backend.submit_build = lambda seq, layer, k, v, lo, hi: (
+    build = llm.policy.lsh.build
+    llm.policy.lsh.build = lambda seq, layer, k, v, lo, hi, ready: (
         events.append(("build", layer, hi, set(llm.store.tables[seq].layers[layer][lo // 4 : hi // 4])))
-        or submit(seq, layer, k, v, lo, hi))
+        or build(seq, layer, k, v, lo, hi, ready))
     for block in llm.model.blocks:
         run = block.forward
         block.forward = lambda *a, layer=block.layer, run=run: events.append(("run", layer)) or run(*a)
@@ -101,11 +101,11 @@ def test_memory_report_counts_the_tables_of_live_sequences(tiny_model_dir):
     llm = _tiny(tiny_model_dir, lsh_k=4, lsh_l=6, n_local=16, dense_layers=1)
     seen = []
     for _ in llm.stream(TEXT[:1000], SamplingParams(max_new_tokens=3, ignore_eos=True)):
-        rep = llm.memory_report()
+        rep = llm.memory_report()["policy"]
         seen.append(rep["lsh_table_bytes_per_layer"])
         assert rep["lsh_table_bytes"] == sum(seen[-1])
     assert seen[-1][0] == 0 and seen[-1][1] > 0  # layer 0 is dense: no tables
-    assert llm.memory_report()["lsh_table_bytes"] == 0
+    assert llm.memory_report()["policy"]["lsh_table_bytes"] == 0
 
 
 def test_zero_bits_attention_error_is_nil(tiny_model_dir, tiny_ids):
@@ -117,8 +117,8 @@ def test_tables_are_rebuilt_when_the_tail_grows(tiny_model_dir, tiny_ids, dense_
     monkeypatch.setattr(magicpig, "REBUILD_TAIL", 8)
     llm = _tiny(tiny_model_dir, lsh_k=0, lsh_l=2, n_sink=4, n_local=16, dense_layers=1)
     builds = []
-    submit = llm.backend.submit_build
-    llm.backend.submit_build = lambda *a: builds.append(a[1:2] + a[4:]) or submit(*a)
+    build = llm.policy.lsh.build
+    llm.policy.lsh.build = lambda *a: builds.append(a[1:2] + a[4:6]) or build(*a)
     # a prompt that offloads nothing at prefill: every offloaded token comes while decoding
     ids = tiny_ids[:20]
     (out,) = llm.generate(ids, SamplingParams(max_new_tokens=40, ignore_eos=True))
@@ -131,7 +131,7 @@ def test_tables_are_rebuilt_when_the_tail_grows(tiny_model_dir, tiny_ids, dense_
 def test_sampling_reads_a_fraction_of_the_keys(tiny_model_dir, tiny_ids):
     llm = _tiny(tiny_model_dir, lsh_k=4, lsh_l=10, n_sink=4, n_local=16, dense_layers=0)
     (out,) = llm.generate(tiny_ids, GREEDY)
-    read, offloaded = llm.backend.key_counts()
+    read, offloaded = llm.policy.key_counts()
     assert 0 < read < offloaded and len(out.token_ids) == 12
 
 
@@ -146,8 +146,8 @@ def test_half_precision_kv_zero_bits_equal_dense(tiny_model_dir, tiny_ids, dtype
     assert llm.store.dtype == getattr(torch, dtype)
     (out,) = llm.generate(tiny_ids, params)
     assert out.token_ids == ref.token_ids
-    read, offloaded = llm.backend.key_counts()
-    assert read == offloaded > 0 and out.stats.d2h_bytes > 0 and out.stats.lsh_table_bytes > 0
+    read, offloaded = llm.policy.key_counts()
+    assert read == offloaded > 0 and out.stats.d2h_bytes > 0 and out.stats.policy["lsh_table_bytes"] > 0
     assert llm.store.allocator.n_used == 0
 
 
@@ -155,16 +155,57 @@ def test_bfloat16_kv_samples_a_fraction_of_the_keys(tiny_model_dir, tiny_ids):
     llm = _tiny(tiny_model_dir, dtype="bfloat16", lsh_k=4, lsh_l=10, n_sink=4, n_local=16, dense_layers=0)
     copies = []
     for _ in llm.stream(tiny_ids, GREEDY):  # the workers' float32 copies while decoding
-        copies = [c for w in llm.backend._workers for c in w.copies.values()]
+        copies = [c for w in llm.backend.workers for c in w.copies.values()]
     assert copies and all(k.dtype == np.float32 for k, _ in copies)
-    read, offloaded = llm.backend.key_counts()
+    read, offloaded = llm.policy.key_counts()
     assert 0 < read < offloaded
-    assert not any(w.copies or w.sources for w in llm.backend._workers)  # released with the sequence
+    assert not any(w.copies or w.sources for w in llm.backend.workers)  # released with the sequence
+
+
+def test_the_device_thread_never_waits_for_the_copies(tiny_model_dir, tiny_ids, monkeypatch):
+    # the workers wait for the copy events of q, codes and the host tier, on the pool's
+    # threads; the device thread does not synchronise with the copies itself
+    import threading
+
+    from hetero.device import CopyEvent
+
+    llm = _tiny(tiny_model_dir, lsh_k=0, lsh_l=2, n_sink=4, n_local=16, dense_layers=0)
+    syncs, waits = [], []
+    device = llm.store.device
+    monkeypatch.setattr(device, "host_sync", lambda: syncs.append(threading.current_thread().name))
+    monkeypatch.setattr(CopyEvent, "wait", lambda self: waits.append(threading.current_thread().name))
+    (out,) = llm.generate(tiny_ids, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert syncs == []
+    main = threading.current_thread().name
+    # a build per layer, then per decode step an attention call per layer
+    assert len(waits) == llm.config.n_layers * 4 and main not in waits
+
+
+def test_stats_per_sequence_and_of_all(tiny_model_dir, tiny_ids):
+    llm = _tiny(tiny_model_dir, lsh_k=4, lsh_l=6, n_local=16, dense_layers=1)
+    other = tiny_ids[100:] + tiny_ids[:100]
+    seen = []
+    attend = llm.policy.lsh.attend
+
+    def record(layer, seqs, *a):  # while two sequences decode together
+        future = attend(layer, seqs, *a)
+        future.result()  # the layer's first builds have finished
+        seen.append((seqs, llm.policy.stats(), *(llm.policy.stats(s) for s in seqs)))
+        return future
+
+    llm.policy.lsh.attend = record
+    llm.generate([tiny_ids, other], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    seqs, every, one, two = seen[-1]
+    assert len(seqs) == 2
+    assert one["lsh_table_bytes"] > 0 and two["lsh_table_bytes"] > 0
+    assert every["lsh_table_bytes_per_layer"] == [a + b for a, b in zip(one["lsh_table_bytes_per_layer"],
+                                                                        two["lsh_table_bytes_per_layer"])]
+    assert llm.policy.stats() == {"lsh_table_bytes": 0, "lsh_table_bytes_per_layer": [0, 0]}
 
 
 def test_policy_without_a_backend_is_a_clear_error(tiny_model_dir, tiny_ids):
     llm = _tiny(tiny_model_dir, n_local=16, dense_layers=0)
-    llm.policy._backend = None
+    llm.policy.lsh = None
     with pytest.raises(ValueError, match="backend"):
         llm.generate(tiny_ids, GREEDY)
     assert llm.store.allocator.n_used == 0
@@ -189,8 +230,8 @@ def test_needle_magicpig_answers_as_dense():
         (ref,) = dense.generate(_needle_prompt(depth), params)
         (out,) = pig.generate(_needle_prompt(depth), params)
         assert "68213" in ref.text and out.text == ref.text, depth
-        assert out.stats.prompt_tokens > 1200 and out.stats.lsh_table_bytes > 0
-    read, offloaded = pig.backend.key_counts()
+        assert out.stats.prompt_tokens > 1200 and out.stats.policy["lsh_table_bytes"] > 0
+    read, offloaded = pig.policy.key_counts()
     assert read < 0.1 * offloaded  # a sample, not everything
 
 
@@ -199,12 +240,12 @@ def test_error_is_below_streaming_at_the_same_keys_touched():
     pig = _embedded("magicpig")
     ids = pig.tokenizer(FILLER)["input_ids"][:2048]
     calls = []
-    submit = pig.backend.submit_attend
-    pig.backend.submit_attend = lambda layer, seqs, q, c, his: (
+    attend = pig.policy.lsh.attend
+    pig.policy.lsh.attend = lambda layer, seqs, q, c, his, ready: (
         calls.extend(pig.store.tables[s].n_tokens - (hi - 16) for s, hi in zip(seqs, his))
-        or submit(layer, seqs, q, c, his))
+        or attend(layer, seqs, q, c, his, ready))
     err = attention_error(pig, ids, skip_layers=2)
-    read, _ = pig.backend.key_counts()
+    read, _ = pig.policy.key_counts()
     sampled = read / (pig.config.n_heads * len(calls))  # per query head and step
     resident = sum(calls) / len(calls)  # sink page and window on the device
     touched = round(resident + sampled)

@@ -48,14 +48,14 @@ def test_quest_decode_attention_equals_the_top_pages_oracle_step_after_step():
     for layer in range(2):  # as the engine does: the policy keeps the bounds of what leaves
         pages = list(range(1, table.settled))
         policy.on_offload(store, 0, layer, pages, store.offload(0, layer, pages))
-    step = DecodeStep(store, [0], [N], torch.full((1, 2), N, dtype=torch.int32), 0.5)
     for _ in range(4):  # new queries pick new pages: some stay in the head cache, some not
         q = torch.randn(1, 4, 4)
+        plan = policy.plan(DecodeStep(store, [0], [N], 0.5))
         for layer in range(2):
-            out = policy.attend_decode(layer, q, step)
+            out = policy.run(layer, q, plan)
             ref = _oracle(q[0], k[layer].transpose(0, 1), v[layer].transpose(0, 1), policy, 0.5)
             torch.testing.assert_close(out[0], ref, atol=1e-5, rtol=1e-5)
-    assert store.cache_hits > 0 and store.cache_misses > 0
+    assert store.hits.value > 0 and store.misses.value > 0
     head_cache = 3 + 3 + 2  # top pages, copies of the 3 resident pages, spare
     # per layer: 3 resident KV pages, 4 metadata pages (16 pages of 4 descriptors), the cache
     assert store.allocator.n_used == 2 * (3 + 4 + head_cache)
@@ -89,21 +89,21 @@ def test_head_cache_holds_each_heads_pages_in_shared_pages_and_copies_only_new_p
     picks = [[1, 2], [4, 5]]
     picked = policy.fetch_heads(store, 0, 1, torch.tensor(picks), resident)
     check(picked, picks)
-    assert (store.cache_hits, store.cache_misses) == (0, 4)
+    assert (store.hits.value, store.misses.value) == (0, 4)
     head_page = PAGE_BYTES // 2  # K and V of one page of one head
     assert store.memory_report().h2d_bytes - h2d == 4 * head_page
     picks = [[3, 1], [4, 5]]  # head 0 swaps page 2 for 3; head 1 keeps both
     again = policy.fetch_heads(store, 0, 1, torch.tensor(picks), resident)
     assert again == picked  # the same device pages
     check(again, picks)
-    assert (store.cache_hits, store.cache_misses) == (3, 5)
+    assert (store.hits.value, store.misses.value) == (3, 5)
     assert store.memory_report().h2d_bytes - h2d == 5 * head_page  # only the new pick crossed
     picks = [[5, 2], [1, 3]]  # head 0 swaps both; head 1 swaps both, for pages head 0 held
     assert policy.fetch_heads(store, 0, 1, torch.tensor(picks), resident) == picked
     check(picked, picks)
-    assert (store.cache_hits, store.cache_misses) == (3, 9)
+    assert (store.hits.value, store.misses.value) == (3, 9)
     assert policy.fetch_heads(store, 0, 1, torch.tensor([[2, 5], [3, 1]]), resident) == picked  # all held
-    assert (store.cache_hits, store.cache_misses) == (7, 9)
+    assert (store.hits.value, store.misses.value) == (7, 9)
     used = store.allocator.n_used
     policy.on_release(0)
     store.release(0)
@@ -114,3 +114,30 @@ def _page_of(block, pages):
     """Index of the page of ``pages`` [n, ps, D] equal to ``block`` [ps, D]."""
     (i,) = [i for i in range(len(pages)) if torch.equal(pages[i], block)]
     return i
+
+
+def test_exported_state_restores_the_key_bounds_and_the_same_attention():
+    torch.manual_seed(2)
+    store = KVStore(CFG, Device(torch.device("cpu")), torch.float32, PS, 64 * 2 * 2 * PS * 4 * 4)
+    policy = QuestPolicy(n_sink=4, n_local=8, token_budget=4 + 8 + 3 * PS, dense_layers=0)
+    table = store.admit(0, N, offload=True)
+    store.reserve(0, N)
+    slots = store.slots(0, 0, N)
+    for layer in range(2):
+        store.write(slots[layer], *torch.randn(2, N, 2, 4))
+    table.n_tokens, table.settled, table.sink_pages = N, N // PS - 2, policy.sink_pages(PS)
+    for layer in range(2):
+        pages = list(range(1, table.settled))
+        policy.on_offload(store, 0, layer, pages, store.offload(0, layer, pages))
+    q = torch.randn(1, 4, 4)
+    before = [policy.run(layer, q, policy.plan(DecodeStep(store, [0], [N], 0.5))) for layer in range(2)]
+    state = policy.export_state(0)
+    assert sorted(state) == ["bounds.0", "bounds.1"] and state["bounds.0"].shape == (2, 2, N // PS, 4)
+    policy.on_release(0)  # the policy's pages go; the KV stays
+    assert policy.export_state(0) == {}
+    policy.import_state(store, 0, state)
+    assert torch.equal(torch.stack(policy.key_bounds(store, 0, 1)), state["bounds.1"])
+    plan = policy.plan(DecodeStep(store, [0], [N], 0.5))
+    for layer in range(2):
+        torch.testing.assert_close(policy.run(layer, q, plan), before[layer])
+    assert policy.stats(0)["state_bytes"] > 0

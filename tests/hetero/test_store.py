@@ -50,7 +50,7 @@ def test_offload_moves_pages_to_the_host_and_fetch_goes_through_an_lru_cache():
     assert torch.equal(store.v[:, dev[1] * 4 : dev[1] * 4 + 4], kv[1, :, 4:8] + 100)
     assert store.memory_report().h2d_bytes == 2 * PAGE_BYTES
     assert store.fetch(0, 1, [1], capacity=2) == [dev[1]]  # a hit moves nothing
-    assert (store.cache_hits, store.cache_misses) == (1 * 2, 2 * 2)  # pages of one KV head
+    assert (store.hits.value, store.misses.value) == (1 * 2, 2 * 2)  # pages of one KV head
     assert store.memory_report().h2d_bytes == 2 * PAGE_BYTES
     store.release(0)
     assert store.allocator.n_used == 0

@@ -86,4 +86,4 @@ def test_two_nodes_generate_the_local_tokens(cluster, tiny_model_dir, capsys):
     info = _hetero("info", "--model", tiny_model_dir, "--backend", "ray", "--ray-address", cluster)
     assert "ray (2 node(s), 2 CPUs" in info
     out = json.loads(_hetero(*ARGV, "--model", tiny_model_dir, "--backend", "ray", "--ray-address", cluster))
-    assert out["token_ids"] == want["token_ids"] and out["stats"]["lsh_table_bytes"] > 0
+    assert out["token_ids"] == want["token_ids"] and out["stats"]["policy"]["lsh_table_bytes"] > 0

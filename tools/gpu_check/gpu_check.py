@@ -1798,9 +1798,9 @@ def task_e3_offload(ctx):
         if exact:
             checks["tokens_equal_dense_in_place"] = out.token_ids == state.get("ref")
         if policy == "magicpig":
-            read, offl = llm.backend.key_counts()
+            read, offl = llm.policy.key_counts()
             res["keys_read"], res["keys_offloaded"] = read, offl
-            checks["lsh_tables_built"] = st["lsh_table_bytes"] > 0
+            checks["lsh_tables_built"] = st["policy"]["lsh_table_bytes"] > 0
             if exact:
                 checks["every_offloaded_key_read"] = read == offl > 0
         if policy == "quest":

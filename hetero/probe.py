@@ -1,0 +1,182 @@
+"""Probes that measure a policy inside a running ``LLM`` through the engine's public hooks
+(``Engine.attention_hooks``, ``Engine.step_hooks``), without changing the runtime.
+
+``AttentionProbe`` runs after the policy at every decode step and layer: it computes exact
+attention over the whole KV (wherever it lives), records the relative error
+``||o - o_exact|| / ||o_exact||`` per sequence, and returns the exact output for the model to
+go on with, so errors do not compound and every policy sees the same hidden states.
+``TopKOracle`` does the same for oracle token top-k attention (the best any choice of k keys
+per head can do by score, the baseline of the MagicPIG paper), on a run that keeps the whole
+KV. ``time_decode_steps`` records the wall time of each decode step.
+
+Every probe is attached for a ``with`` block (``probe.attach(llm)``, ``time_decode_steps(llm)``,
+or :func:`hooked` for any hook) and removed on every exit. Teacher forcing through the
+policy's decode attention is ``LLM.decode_logprobs``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from hetero.cache import OFFLOADED
+from hetero.policies import StepPlan, exact_attention
+from hetero.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from hetero.llm import LLM
+
+
+@contextmanager
+def hooked(hooks: list, hook: Callable) -> Iterator[Callable]:
+    """``hook`` in ``hooks`` (an engine's ``attention_hooks`` or ``step_hooks``) for the
+    ``with`` block; removed on every exit, an error included."""
+    hooks.append(hook)
+    try:
+        yield hook
+    finally:
+        hooks.remove(hook)
+
+
+@contextmanager
+def time_decode_steps(llm: LLM) -> Iterator[list[float]]:
+    """Seconds of each decode step of ``llm`` inside the ``with`` block: the yielded list
+    grows as the LLM decodes (clear it between runs)."""
+    steps: list[float] = []
+    with hooked(llm.engine.step_hooks, steps.append):
+        yield steps
+
+
+def _relative_error(approx: Tensor, exact: Tensor) -> list[float]:
+    """``||approx - exact|| / ||exact||`` per row of [B, ...] outputs."""
+    return ((approx - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)).tolist()
+
+
+def _step_means(errors: dict[int, list[float]], skip_layers: int) -> list[float]:
+    """Mean over the layers ``>= skip_layers`` of each recorded step (and sequence)."""
+    per_layer = [es for layer, es in sorted(errors.items()) if layer >= skip_layers]
+    return [sum(col) / len(col) for col in zip(*per_layer)]
+
+
+class _ExactHook:
+    """An attention hook (``hook(layer, q, plan, out)``) that measures ``out`` and returns
+    exact attention in its place."""
+
+    stream_pages = 64  # offloaded pages fetched at a time: the policy's, once attached
+
+    @contextmanager
+    def attach(self, llm: LLM) -> Iterator:
+        """This probe in ``llm``'s attention hooks for the ``with`` block."""
+        engine = llm.engine
+        self.stream_pages = engine.policy.stream_pages
+        with hooked(engine.attention_hooks, self):
+            yield self
+
+    def exact(self, layer: int, q: Tensor, plan: StepPlan) -> Tensor:
+        """Exact attention [B, Hq, D] of ``q`` [B, Hq, D] over each sequence's whole KV."""
+        step = plan.step
+        return torch.cat([
+            exact_attention(step.store, layer, s, q[b : b + 1], n - 1, step.scale, self.stream_pages)[0]
+            for b, (s, n) in enumerate(zip(step.seq_ids, step.n_tokens))
+        ])
+
+    def __call__(self, layer: int, q: Tensor, plan: StepPlan, out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class AttentionProbe(_ExactHook):
+    """Records the policy's error against exact attention per layer, and how many tokens
+    of each layer were on the device (not offloaded) when it attended."""
+
+    def __init__(self):
+        self.errors: dict[int, list[float]] = defaultdict(list)  # layer -> errors
+        self.resident: dict[int, list[int]] = defaultdict(list)  # layer -> device tokens
+
+    def __call__(self, layer: int, q: Tensor, plan: StepPlan, out: Tensor) -> Tensor:
+        store = plan.step.store
+        for table in plan.step.tables:
+            n_off = table.layers[layer][: table.settled].count(OFFLOADED) * store.page_size
+            self.resident[layer].append(table.n_tokens - n_off)
+        exact = self.exact(layer, q, plan)
+        self.errors[layer] += _relative_error(out, exact)
+        return exact
+
+    def mean_error(self, skip_layers: int = 0) -> float:
+        """Mean relative error over every recorded step and layer ``>= skip_layers``."""
+        errs = [e for layer, es in self.errors.items() if layer >= skip_layers for e in es]
+        return sum(errs) / len(errs)
+
+    def step_errors(self, skip_layers: int = 0) -> list[float]:
+        """Mean relative error of each recorded step (and sequence) over the layers
+        ``>= skip_layers``."""
+        return _step_means(self.errors, skip_layers)
+
+    def mean_resident(self, skip_layers: int = 0) -> float:
+        """Mean tokens on the device per recorded step and layer ``>= skip_layers``."""
+        res = [r for layer, rs in self.resident.items() if layer >= skip_layers for r in rs]
+        return sum(res) / len(res)
+
+
+def topk_attention(q: Tensor, k: Tensor, v: Tensor, budget: int, scale: float) -> Tensor:
+    """Oracle token top-k attention: each query head of ``q`` [Hq, D] attends only to its
+    ``budget`` keys of highest true score in ``k``, ``v`` [Hkv, N, D] (GQA). Returns [Hq, D]."""
+    hq, d = q.shape
+    hkv, n, _ = k.shape
+    g = hq // hkv
+    scores = (q.view(hkv, g, d) @ k.transpose(1, 2)) * scale  # [Hkv, G, N]
+    top = scores.topk(min(budget, n), dim=-1)
+    p = torch.softmax(top.values, dim=-1)
+    picked = torch.gather(v[:, None].expand(hkv, g, n, d), 2,
+                          top.indices[..., None].expand(-1, -1, -1, d))  # [Hkv, G, k, D]
+    return (p[..., None] * picked).sum(2).reshape(hq, d)
+
+
+class TopKOracle(_ExactHook):
+    """Records the error oracle token top-k attention (``topk_attention``) would make at
+    each of ``budgets`` tokens in the layers ``>= skip_layers``, for sequences that keep
+    their whole KV on the device (the dense policy within budget). Not a runtime policy: it
+    reads every key to choose its keys."""
+
+    def __init__(self, budgets: list[int], skip_layers: int):
+        self.budgets, self.skip_layers = budgets, skip_layers
+        self.errors: dict[int, dict[int, list[float]]] = {b: defaultdict(list) for b in budgets}
+
+    def __call__(self, layer: int, q: Tensor, plan: StepPlan, out: Tensor) -> Tensor:
+        exact = self.exact(layer, q, plan)
+        if layer < self.skip_layers:
+            return exact
+        store, ps = plan.step.store, plan.step.store.page_size
+        for b, table in enumerate(plan.step.tables):
+            pages = table.layers[layer][: -(-table.n_tokens // ps)]
+            if OFFLOADED in pages:
+                raise ValueError("TopKOracle needs the whole KV on the device: raise the budget")
+            slots = (torch.tensor(pages)[:, None] * ps + torch.arange(ps)).flatten()[: table.n_tokens]
+            k, v = store.k[:, slots.to(store.k.device)], store.v[:, slots.to(store.v.device)]
+            for budget in self.budgets:
+                approx = topk_attention(q[b], k, v, budget, plan.step.scale)
+                self.errors[budget][layer] += _relative_error(approx[None], exact[b : b + 1])
+        return exact
+
+    def step_errors(self, budget: int) -> list[float]:
+        return _step_means(self.errors[budget], self.skip_layers)
+
+
+def probe_attention(llm: LLM, ids: list[int], n_decode: int = 8, probe: _ExactHook | None = None):
+    """Run ``n_decode`` decode steps after prefilling ``ids`` with ``llm``'s policy, with
+    ``probe`` (default a new ``AttentionProbe``) attached; returns the probe, which holds
+    the errors."""
+    probe = AttentionProbe() if probe is None else probe
+    with probe.attach(llm):
+        llm.generate(ids, SamplingParams(max_new_tokens=n_decode + 1, ignore_eos=True))
+    return probe
+
+
+def attention_error(llm: LLM, ids: list[int], n_decode: int = 8, skip_layers: int = 0) -> float:
+    """Mean relative attention-output error of ``llm``'s policy over ``n_decode`` steps
+    after prefilling ``ids`` (layers below ``skip_layers`` left out)."""
+    return probe_attention(llm, ids, n_decode).mean_error(skip_layers)
