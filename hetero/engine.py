@@ -29,7 +29,7 @@ class Engine:
 
     Hooks, for measurement (``bench/``) without touching the runtime: ``attention_hooks``
     (see :data:`AttentionHook`) and ``step_hooks`` (``hook(seconds)`` after each decode
-    step, with its wall time)."""
+    step, with the host's wall time of it: on CUDA, kernels may still be queued)."""
 
     def __init__(self, model: Transformer, store: KVStore, policy: Policy, prefill_chunk: int):
         if prefill_chunk < store.page_size or prefill_chunk % store.page_size:
@@ -48,6 +48,7 @@ class Engine:
         if not self.policy.raw_qk:
             return None
         return lambda layer, q, k: self.policy.on_qk(layer, seq_ids, q, k)
+
     @torch.inference_mode()
     def prefill(
         self,

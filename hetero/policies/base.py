@@ -2,7 +2,11 @@
 
 A policy says which pages of a sequence stay on the device when the sequence offloads
 (sinks, local window, and for its ``dense_layers`` everything), how many fetched pages its
-page cache holds per layer, and computes decode attention for one layer of a batch.
+page cache holds per layer, and computes decode attention in two parts: ``plan`` once per
+decode step (every layer's tables, from host-side state) and ``run`` per layer (kernels
+only, nothing read back). Its per-sequence state lives in the policy, created and freed
+through the hooks (``on_admit``, ``on_qk``, ``on_offload``, ``on_layer_prefilled``,
+``on_release``), reported by ``stats`` and saved by ``export_state``.
 """
 
 from __future__ import annotations
@@ -58,8 +62,7 @@ class StepPlan:
 def pack_rows(step: DecodeStep, rows: dict[int, list[list[int]]]) -> dict[int, LayerTables]:
     """Tables of the layers in ``rows``: ``rows[l][b]`` lists the device pages sequence
     ``b`` attends to in layer ``l`` in token order, shared by its KV heads, the last one the
-    sequence's last (partial) page. One upload for all the layers' pages, one for their
-    lengths."""
+    sequence's last (partial) page. One upload for all the layers' pages and lengths."""
     if not rows:
         return {}
     store = step.store

@@ -132,3 +132,51 @@ def test_bad_policy_parameters(name, params, match):
 def test_every_policy_is_registered_by_its_name():
     assert set(POLICIES) == {"dense", "streaming", "quest", "magicpig"}
     assert all(cls.name == name for name, cls in POLICIES.items())
+
+
+def test_a_policy_with_raw_qk_sees_q_and_k_before_rope(tiny_model_dir):
+    """on_qk gets each layer's q and k before the rotary embedding, at prefill (a chunk of
+    one sequence; layer by layer, as the sequence offloads) and decode (a row per
+    sequence): rotated at their positions, the keys are the ones the store holds."""
+    from dataclasses import dataclass, field
+
+    from hetero.model import apply_rope
+    from hetero.policies import StreamingPolicy, register_policy
+
+    @dataclass(slots=True)
+    class RawQK(StreamingPolicy):
+        name = "raw-qk-test"
+        raw_qk = True
+        _seen: list = field(default_factory=list, init=False)
+
+        def on_qk(self, layer, seq_ids, q, k):
+            self._seen.append((layer, list(seq_ids), q.clone(), k.clone()))
+
+    register_policy(RawQK)
+    try:
+        llm = _llm(tiny_model_dir, "raw-qk-test", n_local=64)  # nothing leaves: every key stays
+    finally:
+        del POLICIES["raw-qk-test"]
+    ids = llm.tokenizer(TEXT)["input_ids"][:40]
+    keys = {}
+
+    def keep(layer, q, plan, out):  # the keys the store holds, in token order
+        table = plan.step.tables[0]
+        pages = torch.tensor(table.layers[layer][: -(-table.n_tokens // 4)])
+        slots = (pages[:, None] * 4 + torch.arange(4)).flatten()[: table.n_tokens]
+        keys[layer] = llm.store.k[:, slots].transpose(0, 1).clone()  # [n, Hkv, D]
+
+    llm.engine.attention_hooks.append(keep)
+    llm.generate(ids, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    n_layers, seen = llm.config.n_layers, llm.policy._seen
+    prefill = seen[: 2 * n_layers]  # 40 tokens: chunks of 32 and 8, layer by layer
+    assert [(layer, seqs, k.shape[0]) for layer, seqs, _, k in prefill] == [
+        (layer, [0], n) for layer in range(n_layers) for n in (32, 8)]
+    decode = seen[2 * n_layers :]
+    assert len(decode) == 2 * n_layers  # two decode steps
+    assert all(k.shape[0] == 1 and q.shape[1] == llm.config.n_heads for _, _, q, k in decode)
+    cos, sin = llm.model.rope.tables(torch.arange(42), torch.float32, 42)
+    for layer, _, _, k in prefill[::2]:
+        torch.testing.assert_close(apply_rope(k, cos[:32], sin[:32]), keys[layer][:32])
+    for layer, _, _, k in decode[-n_layers:]:  # the last step fed position 41
+        torch.testing.assert_close(apply_rope(k, cos[41:], sin[41:]), keys[layer][41:])

@@ -1932,6 +1932,47 @@ def task_e3_default_chunk(ctx):
 # ----------------------------------------------------------------------------------------------
 
 
+class StepLaunches:
+    """A decode-step hook (``Engine.step_hooks``) that profiles decode steps 3 and 4 of a
+    request (``torch.profiler``, CUDA activity) and counts the kernels they launch and the
+    host synchronisations they make (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``,
+    ``cudaEventSynchronize``, blocking ``cudaMemcpy``)."""
+
+    SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+    def __init__(self, ctx, first: int = 2, steps: int = 2):
+        self.ctx, self.first, self.steps, self.seen, self.prof, self.events = ctx, first, steps, 0, None, None
+
+    def __call__(self, _seconds):
+        import torch
+
+        self.seen += 1
+        if not self.ctx.cuda:
+            return
+        if self.seen == self.first:
+            torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+        elif self.seen == self.first + self.steps:
+            self.stop()
+
+    def stop(self):
+        if self.prof is not None:
+            import torch
+
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            self.events, self.prof = self.prof.events(), None
+
+    def per_step(self) -> dict:
+        if self.events is None:
+            return {"kernels_per_step": None, "syncs_per_step": None}
+        kernels = sum(1 for e in self.events if str(getattr(e, "device_type", "")).endswith("CUDA"))
+        syncs = sum(1 for e in self.events if e.name in self.SYNCS)
+        return {"kernels_per_step": kernels / self.steps, "syncs_per_step": syncs / self.steps}
+
+
 def task_k4_engine(ctx):
     import torch
 
@@ -2018,6 +2059,8 @@ def task_k4_engine(ctx):
         if ctx.cuda:
             torch.cuda.reset_peak_memory_stats()
         c = Counters()  # prior_attention calls: the prefill streamed offloaded KV back
+        launches = StepLaunches(ctx)
+        llm.engine.step_hooks.append(launches)
         try:
             sync(ctx)
             t = time.time()
@@ -2026,6 +2069,8 @@ def task_k4_engine(ctx):
             wall = time.time() - t
         finally:
             c.restore()
+            llm.engine.step_hooks.remove(launches)
+            launches.stop()
         n_prior = sum(v for k, v in c.counts.items() if k.startswith("prior."))
         st = stats_dict(out)
         decode_ms = 1e3 / st["decode_tokens_per_s"] if st["decode_tokens_per_s"] else None
@@ -2051,7 +2096,7 @@ def task_k4_engine(ctx):
                "dispatch_warmup": inits.get(name, {}).get("dispatch_warmup"), "tokens": out.token_ids[:8],
                "stats_finite": finite_stats(st), "peak_le_budget": st["device_kv_bytes_peak"] <= st["device_kv_budget"],
                "prior_attention_calls": n_prior, "prefill_streamed": n_prior > 0,
-               "folded_decode_G": c.max_folded_g}
+               "folded_decode_G": c.max_folded_g, **launches.per_step()}
         state.setdefault("tokens", {})[(name, n)] = out.token_ids
         ok = res["stats_finite"] and res["peak_le_budget"] and len(out.token_ids) == n_new
         if systems[name]["policy"] != "dense":
@@ -2061,7 +2106,8 @@ def task_k4_engine(ctx):
         res["summary"] = (f"chunk {res['prefill_chunk']}{', prefill streamed' if n_prior else ''}: "
                           f"TTFT {st['ttft_s']:.2f}s ({n / st['ttft_s']:.0f} tok/s"
                           + (f", {res['ttft_over_dense']:.2f}x dense" if res["ttft_over_dense"] else "")
-                          + f"), decode {fmt(decode_ms)} ms/tok, h2d {st['h2d_bytes_per_token'] / 2**20:.2f} MiB/tok, "
+                          + f"), decode {fmt(decode_ms)} ms/tok ({fmt(res['kernels_per_step'])} kernels, "
+                          f"{fmt(res['syncs_per_step'])} syncs per step), h2d {st['h2d_bytes_per_token'] / 2**20:.2f} MiB/tok, "
                           f"KV peak {st['device_kv_bytes_peak'] / 2**30:.3f}/{st['device_kv_budget'] / 2**30:.2f} GiB, "
                           f"pool {fmt((pool.get('device_pool_bytes') or 0) / 2**30)} GiB")
         done.setdefault(name, []).append((n, wall))
