@@ -5,7 +5,7 @@ L hash tables of K-bit SimHash buckets. Per decode step and layer it receives th
 heads' codes (hashed on the device), keeps the keys that share the query's bucket in at
 least 2 of the L tables, and returns an importance-corrected attention partial
 ``(out, lse)`` over them, which merges exactly with the device's partial over its resident
-keys (``gpu_kernels.merge_partials``). See DESIGN.md, "MagicPIG".
+keys (``gpu_kernels.merge_partials``). How the runtime uses it: docs/architecture.md ("CPU workers").
 
 Conventions
 -----------

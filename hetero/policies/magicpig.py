@@ -1,6 +1,7 @@
 """MagicPIG (LSH sampling): the device attends over sinks + local window, a CPU worker
 samples the offloaded keys through SimHash tables and computes the importance-corrected
-rest; the two partials merge by LSE. See DESIGN.md, "MagicPIG", and ``cpu_kernels.lsh``.
+rest; the two partials merge by LSE. See docs/architecture.md ("CPU workers") and
+``cpu_kernels.lsh``.
 
 Per sparse layer (the first ``dense_layers`` stay exact on the device):
 

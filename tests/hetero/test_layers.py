@@ -1,4 +1,4 @@
-"""Layers without back-arrows (DESIGN.md, "Packages and layers"), read from the source with
+"""Layers without back-arrows (docs/architecture.md, "Layers"), read from the source with
 ``ast``; the registries that let the upper layers plug in (backends, commands, policies); and
 a policy the package does not know, registered, run through ``LLM`` and the CLI."""
 

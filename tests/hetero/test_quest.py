@@ -34,13 +34,14 @@ def _oracle(q, k, v, policy, scale):
     return out
 
 
-def test_quest_decode_attention_equals_the_top_pages_oracle_step_after_step():
-    torch.manual_seed(0)
+def _offloaded(k, v):
+    """A store holding keys ``k`` and values ``v`` [L, N, Hkv, D] of sequence 0, its pages
+    1..13 offloaded with quest keeping their bounds, as the engine leaves them; and the
+    policy (3 top pages per head)."""
     store = KVStore(CFG, Device(torch.device("cpu")), torch.float32, PS, 64 * 2 * 2 * PS * 4 * 4)
     policy = QuestPolicy(n_sink=4, n_local=8, token_budget=4 + 8 + 3 * PS, dense_layers=0)
     table = store.admit(0, N, offload=True)
     store.reserve(0, N)
-    k, v = torch.randn(2, N, 2, 4), torch.randn(2, N, 2, 4)  # [L, N, Hkv, D]
     slots = store.slots(0, 0, N)
     for layer in range(2):
         store.write(slots[layer], k[layer], v[layer])
@@ -48,6 +49,13 @@ def test_quest_decode_attention_equals_the_top_pages_oracle_step_after_step():
     for layer in range(2):  # as the engine does: the policy keeps the bounds of what leaves
         pages = list(range(1, table.settled))
         policy.on_offload(store, 0, layer, pages, store.offload(0, layer, pages))
+    return store, policy
+
+
+def test_quest_decode_attention_equals_the_top_pages_oracle_step_after_step():
+    torch.manual_seed(0)
+    k, v = torch.randn(2, N, 2, 4), torch.randn(2, N, 2, 4)  # [L, N, Hkv, D]
+    store, policy = _offloaded(k, v)
     for _ in range(4):  # new queries pick new pages: some stay in the head cache, some not
         q = torch.randn(1, 4, 4)
         plan = policy.plan(DecodeStep(store, [0], [N], 0.5))
@@ -118,17 +126,7 @@ def _page_of(block, pages):
 
 def test_exported_state_restores_the_key_bounds_and_the_same_attention():
     torch.manual_seed(2)
-    store = KVStore(CFG, Device(torch.device("cpu")), torch.float32, PS, 64 * 2 * 2 * PS * 4 * 4)
-    policy = QuestPolicy(n_sink=4, n_local=8, token_budget=4 + 8 + 3 * PS, dense_layers=0)
-    table = store.admit(0, N, offload=True)
-    store.reserve(0, N)
-    slots = store.slots(0, 0, N)
-    for layer in range(2):
-        store.write(slots[layer], *torch.randn(2, N, 2, 4))
-    table.n_tokens, table.settled, table.sink_pages = N, N // PS - 2, policy.sink_pages(PS)
-    for layer in range(2):
-        pages = list(range(1, table.settled))
-        policy.on_offload(store, 0, layer, pages, store.offload(0, layer, pages))
+    store, policy = _offloaded(*torch.randn(2, 2, N, 2, 4))
     q = torch.randn(1, 4, 4)
     before = [policy.run(layer, q, policy.plan(DecodeStep(store, [0], [N], 0.5))) for layer in range(2)]
     state = policy.export_state(0)
