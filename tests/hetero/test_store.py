@@ -134,3 +134,22 @@ def test_fetch_with_a_smaller_capacity_shrinks_the_cache():
     store.fetch(0, 0, [5], capacity=2)
     assert list(store.tables[0].cache[0]) == [4, 5]  # the most recent, within capacity
     assert store.allocator.n_used == used - 2
+
+
+def test_the_device_page_tables_follow_reserve_offload_and_growth():
+    store = _store(pages=32)
+    store.admit(0, 24, offload=True)
+    for n in (3, 8, 13, 20):  # pages appear one layer-wide reservation at a time
+        store.reserve(0, n)
+        if n == 13:
+            store.offload(0, 1, [1, 2])
+        want = [pages + [-1] * (6 - len(pages)) for pages in store.tables[0].layers]
+        assert store.block_tables([0], 6)[:, 0].tolist() == want
+    assert store.block_tables([0])[1, 0, 1:3].tolist() == [-1, -1]  # offloaded pages read -1
+    store.reserve(1, 4)  # admitted for 4 tokens (1 page), then it grows past that
+    store.reserve(1, 12)
+    both = store.block_tables([0, 1])  # [L, B, widest]: the shorter sequence padded
+    assert both.shape == (2, 2, 5) and both[:, 1, :3].tolist() == store.tables[1].layers
+    assert both[:, 1, 3:].eq(-1).all()
+    store.release(0)
+    assert 0 not in store._rows
