@@ -1,6 +1,6 @@
 """Decode ms/token of quest (offloading) against dense, side by side in one run.
 
-    python -m bench.sparse_decode [--quick] [--out FILE]
+    python -m bench.sparse_decode [--quick] [--weights dense|quantized|both] [--out FILE]
 
 Points: dense in place at 1k, 4k and 8k; quest at 4k, 8k and 32k with the bench's budget
 (1024 tokens per step in each sparse layer, 2 dense layers; a device KV budget sized to its
@@ -28,7 +28,7 @@ FULL_POINTS = [("dense", 1024, 3), ("dense", 4096, 3), ("dense", 8192, 3),
 QUICK_POINTS = [("dense", 1024, 1), ("dense", 2048, 1), ("quest", 2048, 1)]
 
 
-def point(policy: str, n: int, repeats: int, new_tokens: int = 32) -> dict:
+def point(policy: str, n: int, repeats: int, new_tokens: int = 32, weights: str = "dense") -> dict:
     from bench.corpus import real_token_ids
     from hetero import LLM, SamplingParams
     from hetero.probe import time_decode_steps
@@ -39,7 +39,7 @@ def point(policy: str, n: int, repeats: int, new_tokens: int = 32) -> dict:
         cfg = probe.config
     params = {k: v for k, v in system.params.items() if k != "policy"}
     llm = LLM(device="cpu", policy=policy, policy_params=params, max_model_len=cap,
-              device_kv_budget=device_kv_budget(system, FULL, cfg, cap))
+              device_kv_budget=device_kv_budget(system, FULL, cfg, cap), weights=weights)
     ids = real_token_ids(llm.tokenizer, n)
     medians, offloaded = [], False
     with llm, time_decode_steps(llm) as steps:
@@ -48,8 +48,9 @@ def point(policy: str, n: int, repeats: int, new_tokens: int = 32) -> dict:
             (out,) = llm.generate(ids, SamplingParams(max_new_tokens=new_tokens + 1, ignore_eos=True))
             medians.append(1e3 * statistics.median(steps[1:]))
             offloaded = out.stats.host_kv_bytes > 0
-            print(f"{policy} {n}: {medians[-1]:.1f} ms/token (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
-    return {"policy": policy, "context": n, "repeats": repeats, "ms_per_token": medians,
+            print(f"{policy} {n} ({weights} weights): {medians[-1]:.1f} ms/token "
+                  f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+    return {"policy": policy, "context": n, "weights": weights, "repeats": repeats, "ms_per_token": medians,
             "median_ms": statistics.median(medians), "offloaded": offloaded}
 
 
@@ -57,18 +58,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.sparse_decode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1k-2k, one repeat (about a minute)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/sparse_decode.json"))
+    ap.add_argument("--weights", choices=("dense", "quantized", "both"), default="dense",
+                    help="the linear layers' weights (LLM(weights=...)); both: every point twice")
     args = ap.parse_args(argv)
-    rows = [point(*p) for p in (QUICK_POINTS if args.quick else FULL_POINTS)]
+    kinds = ["dense", "quantized"] if args.weights == "both" else [args.weights]
+    rows = [point(*p, weights=w) for p in (QUICK_POINTS if args.quick else FULL_POINTS) for w in kinds]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    ms = {(r["policy"], r["context"]): r["median_ms"] for r in rows}
-    print("| policy | context | ms/token (median) | repeats | offloaded | × dense at 1k | × dense at the same length |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        same = ms.get(("dense", r["context"]))
+    ms = {(r["policy"], r["context"], r["weights"]): r["median_ms"] for r in rows}
+    print("| policy | context | weights | ms/token (median) | repeats | offloaded | × dense at 1k | "
+          "× dense at the same length |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:  # ratios against dense with the same weights
+        same = ms.get(("dense", r["context"], r["weights"]))
         vs_same = f"{r['median_ms'] / same:.2f}" if same else "-"
-        print(f"| {r['policy']} | {r['context']} | {r['median_ms']:.1f} | {r['repeats']} | "
-              f"{'yes' if r['offloaded'] else 'no'} | {r['median_ms'] / ms[('dense', 1024)]:.2f} | {vs_same} |")
+        print(f"| {r['policy']} | {r['context']} | {r['weights']} | {r['median_ms']:.1f} | {r['repeats']} | "
+              f"{'yes' if r['offloaded'] else 'no'} | {r['median_ms'] / ms[('dense', 1024, r['weights'])]:.2f} | "
+              f"{vs_same} |")
     return 0
 
 

@@ -79,6 +79,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    p.add_argument("--weights", choices=("dense", "quantized"), default="dense",
+                   help="how the linear layers' weights are held: dense (the compute dtype) or "
+                        "quantized (a GGUF's Q4_0/Q4_1/Q8_0 blocks, numba GEMV; CPU only)")
     p.add_argument("--policy", default="dense", help="decode-attention policy (default: dense); the "
                    "policies and their options are listed below")
     p.add_argument("--policy-param", action="append", default=[], type=_name_value,
@@ -201,7 +204,7 @@ def _make_llm(args):
         policy_params=parse_policy_params(args.policy, args.policy_param),
         device_kv_budget=args.device_kv_budget, page_size=args.page_size,
         prefill_chunk=args.prefill_chunk, max_model_len=args.max_model_len, backend=args.backend,
-        ray_address=args.ray_address,
+        ray_address=args.ray_address, weights=args.weights,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -14,10 +15,11 @@ from hetero.cache import KVStore
 from hetero.config import is_integer
 from hetero.device import Device, check_kv_budget, default_kv_budget, parse_size, resolve_device
 from hetero.engine import Engine
-from hetero.loader import load_checkpoint
+from hetero.loader import load_checkpoint, read_gguf_blocks
 from hetero.model import Transformer
 from hetero.outputs import LogprobsOutput, Output
 from hetero.policies import make_policy
+from hetero.quant import quantize_linears
 from hetero.sampling import SamplingParams
 from hetero.scheduler import Scheduler
 
@@ -52,6 +54,9 @@ class LLM:
         ``os.cpu_count()`` threads) or "ray" (Ray actors: ``orchestrator.ray_backend``).
     ray_address : with backend "ray": None starts a local Ray instance (loopback only, no
         dashboard); "host:port" or "auto" joins a running cluster.
+    weights : "dense" (every weight in ``dtype``) or "quantized": a GGUF's block-quantised
+        linear layers (Q4_0, Q4_1, Q8_0) stay in their blocks and run through a numba GEMV
+        (``hetero.quant``; CPU only, float32 compute).
     """
 
     def __init__(
@@ -59,7 +64,7 @@ class LLM:
         policy: str = "dense", policy_params: dict | None = None,
         device_kv_budget: int | str | None = None, page_size: int = 16,
         prefill_chunk: int | None = None, max_model_len: int | None = None,
-        backend: str = "local", ray_address: str | None = None,
+        backend: str = "local", ray_address: str | None = None, weights: str = "dense",
     ):
         # everything that needs no model is checked before the model loads
         if ray_address is not None and backend != "ray":
@@ -78,6 +83,11 @@ class LLM:
         self.policy = make_policy(policy, **(policy_params or {}))
         dev = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, dev)
+        if weights not in ("dense", "quantized"):
+            raise ValueError(f"weights must be 'dense' or 'quantized', got {weights!r}")
+        if weights == "quantized" and (dev.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError("weights='quantized' runs on the CPU in float32 (no GPU kernel yet): use "
+                             "device='cpu' and dtype='float32', or weights='dense'")
         budget = default_kv_budget(dev) if device_kv_budget is None else parse_size(device_kv_budget)
         check_kv_budget(budget, dev)
 
@@ -87,6 +97,14 @@ class LLM:
             net = Transformer(self.config)
         net = net.to_empty(device=dev).to(self.dtype)
         net.load_hf_state_dict(ckpt.state_dict)
+        if weights == "quantized":
+            if not Path(ckpt.source).is_file():
+                raise ValueError(f"weights='quantized' needs a GGUF model; {ckpt.source} is an HF "
+                                 f"directory (quantising at load is not supported yet): use weights='dense'")
+            if not quantize_linears(net, read_gguf_blocks(ckpt.source, self.config)):
+                raise ValueError(f"{ckpt.source} holds no Q4_0, Q4_1 or Q8_0 linear weights: use "
+                                 f"weights='dense'")
+        self.weights = weights
         self.model = net.eval().requires_grad_(False)
         trained = self.config.max_position_embeddings
         self.max_model_len = trained if max_model_len is None else max_model_len

@@ -29,6 +29,7 @@ from hetero.config import ModelConfig
 from hetero.model_cache import _short, cached_gguf_dir
 
 if TYPE_CHECKING:
+    from cpu_kernels.quant import QuantBlocks
     from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
@@ -363,6 +364,30 @@ def _hf_tensor_name(path: Path, name: str) -> str:
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_BLOCK_NAMES:
         return f"model.layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}.{suffix}"
     raise ValueError(f"{path}: GGUF tensor {name!r} has no place in a Llama-family model")
+
+
+def read_gguf_blocks(path: str | os.PathLike, config: ModelConfig) -> dict[str, QuantBlocks]:
+    """The block-quantised tensors (Q4_0, Q4_1, Q8_0) of a GGUF file by HF name, unpacked
+    (``cpu_kernels.quant``), q/k rows in HF's RoPE order like the converted weights. Others
+    (F32 norms, K-quants) are left to the converted float32 weights."""
+    import gguf
+
+    from cpu_kernels.quant import FORMATS, QuantBlocks, unpack
+
+    path = Path(path)
+    reader = gguf.GGUFReader(path)
+    arch = next((str(f.contents()) for k, f in reader.fields.items() if k == "general.architecture"), None)
+    permuted = _GGUF_ARCHS.get(arch, (None, None, False))[2]
+    blocks = {}
+    for t in reader.tensors:
+        if t.tensor_type.name not in FORMATS:
+            continue
+        b = unpack(np.asarray(t.data), t.tensor_type.name)
+        if permuted and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = config.n_heads if ".attn_q." in t.name else config.n_kv_heads
+            b = QuantBlocks(*(np.ascontiguousarray(_unpermute_rope_rows(a, heads)) for a in b))
+        blocks[_hf_tensor_name(path, t.name)] = b
+    return blocks
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -1,0 +1,71 @@
+"""Linear layers over block-quantised weights (``weights="quantized"``, CPU).
+
+``quantize_linears`` swaps the model's ``nn.Linear`` layers for :class:`QuantLinear` where the
+checkpoint holds their weights in a block format (``cpu_kernels.quant``: GGUF's Q4_0, Q4_1,
+Q8_0): the fused q/k/v and gate/up projections from their parts, the LM head from the tied
+embedding when there is none of its own. A few rows (decode) go through the numba GEMV, which
+reads 1.25 bytes per weight; a prefill chunk dequantises the weight once per call and runs
+torch's matmul (the weight's read is small beside a chunk's arithmetic).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cpu_kernels.quant import QuantBlocks, gemv
+from hetero.model import Transformer
+
+GEMV_ROWS = 8
+"""Most input rows that go through the GEMV (decode batches); more are a prefill chunk."""
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T`` (no bias) with ``W`` held as :class:`QuantBlocks`, float32 compute."""
+
+    def __init__(self, blocks: QuantBlocks):
+        super().__init__()
+        self.blocks = blocks
+        self.out_features, self.in_features = blocks.q.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= GEMV_ROWS:
+            out = torch.from_numpy(gemv(self.blocks, rows.float().contiguous().numpy()))
+        else:
+            out = F.linear(rows.float(), torch.from_numpy(self.blocks.dequantize()))
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks of 32"
+
+
+def _cat(parts: list[QuantBlocks]) -> QuantBlocks:
+    return QuantBlocks(*(np.concatenate(a) for a in zip(*parts)))
+
+
+def quantize_linears(model: Transformer, blocks: dict[str, QuantBlocks]) -> int:
+    """Swap every linear layer of ``model`` whose weights ``blocks`` holds (HF names) for a
+    :class:`QuantLinear`; returns how many were swapped. A layer is swapped only if all its
+    parts are there, and never one with a bias."""
+    swapped = 0
+
+    def swap(module: nn.Module, attr: str, names: list[str]) -> None:
+        nonlocal swapped
+        linear = getattr(module, attr)
+        if linear.bias is None and all(n in blocks for n in names):
+            setattr(module, attr, QuantLinear(_cat([blocks[n] for n in names])))
+            swapped += 1
+
+    for i, b in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        swap(b, "wqkv", [p + f"self_attn.{n}_proj.weight" for n in "qkv"])
+        swap(b, "wo", [p + "self_attn.o_proj.weight"])
+        swap(b, "w13", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        swap(b, "w2", [p + "mlp.down_proj.weight"])
+    head = "lm_head.weight" if "lm_head.weight" in blocks or not model.cfg.tie_word_embeddings \
+        else "model.embed_tokens.weight"
+    swap(model, "lm_head", [head])
+    return swapped

@@ -1,0 +1,43 @@
+"""weights="quantized": a GGUF's block-quantised linear layers stay in their blocks and run
+through the numba GEMV; the result equals the dense (dequantised) path."""
+
+import gguf
+import pytest
+import torch
+
+from hetero import LLM, SamplingParams
+from hetero.quant import QuantLinear
+from tests.hetero.test_loader import isolated_cache, tiny_hf_model, write_gguf  # noqa: F401
+
+TEXT = "the cat sat on the mat and the dog sat on the log " * 6
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q8_0"])
+def test_quantized_weights_equal_the_dequantised_dense_path(quant, tmp_path, tiny_tokenizer, isolated_cache):
+    model = tiny_hf_model("llama", tie_word_embeddings=True, intermediate_size=128)
+    path = write_gguf(tmp_path / "tiny.gguf", model, tiny_tokenizer,
+                      quant=getattr(gguf.GGMLQuantizationType, quant))
+    dense = LLM(str(path), device="cpu", device_kv_budget="8MiB", page_size=4)
+    quantized = LLM(str(path), device="cpu", device_kv_budget="8MiB", page_size=4, weights="quantized")
+    linears = [m for m in quantized.model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 4 * 2 + 1  # q/k/v, o, gate/up, down per layer; the (tied) LM head
+    assert quantized.model.lm_head.blocks.q.shape == (262, 64)
+    # prefill chunks dequantise the blocks: the float weights of the dense path, exactly
+    assert quantized.logprobs(TEXT).logprobs == dense.logprobs(TEXT).logprobs
+    # decode rows go through the GEMV (int16 activations): logits within 1e-4 of their scale
+    ids = tiny_tokenizer(TEXT)["input_ids"]
+    want = dense.generate(ids, SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    got = quantized.generate(ids, SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert got.token_ids == want.token_ids
+    x = torch.randn(2, 64)
+    ref = torch.nn.functional.linear(x, dense.model.lm_head.weight)
+    torch.testing.assert_close(quantized.model.lm_head(x), ref, atol=1e-4 * ref.abs().max(), rtol=0)
+
+
+def test_quantized_weights_need_a_gguf_on_the_cpu(tiny_model_dir):
+    with pytest.raises(ValueError, match="needs a GGUF model"):
+        LLM(tiny_model_dir, device="cpu", weights="quantized")
+    with pytest.raises(ValueError, match="weights must be 'dense' or 'quantized'"):
+        LLM(tiny_model_dir, device="cpu", weights="int4")
+    with pytest.raises(ValueError, match="in float32"):
+        LLM(tiny_model_dir, device="cpu", dtype="bfloat16", weights="quantized")
