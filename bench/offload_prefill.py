@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from bench.plan import FULL
-from bench.systems import device_kv_budget, hetero, hetero_sparse
+from bench.systems import device_kv_budget, hetero, hetero_sparse, policy_params
 
 SYSTEMS = ("dense in place", "dense over budget", "quest", "streaming")
 
@@ -43,7 +43,7 @@ def _llms(n_tokens: int) -> dict:
              "quest": hetero_sparse("quest", plan.token_budget, plan.dense_layers),
              "streaming": hetero_sparse("streaming", plan.token_budget, plan.dense_layers)}
     args = {name: dict(policy=s.params["policy"], device_kv_budget=device_kv_budget(s, plan, cfg, cap),
-                       policy_params={k: v for k, v in s.params.items() if k != "policy"})
+                       policy_params=policy_params(s))
             for name, s in specs.items()}
     # the resident set and one layer's whole KV: it offloads, and prefills layer by layer
     pages = make_policy("dense").device_pages(cfg, cap, ps, chunk)

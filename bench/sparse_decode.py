@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from bench.plan import FULL
-from bench.systems import device_kv_budget, hetero, hetero_sparse
+from bench.systems import device_kv_budget, hetero, hetero_sparse, policy_params
 
 FULL_POINTS = [("dense", 1024, 3), ("dense", 4096, 3), ("dense", 8192, 3),
                ("quest", 4096, 3), ("quest", 8192, 3), ("quest", 32768, 1)]
@@ -37,7 +37,7 @@ def point(policy: str, n: int, repeats: int, new_tokens: int = 32, weights: str 
     cap = n + new_tokens + 16
     with LLM(device="cpu", max_model_len=cap, device_kv_budget="1MiB") as probe:
         cfg = probe.config
-    params = {k: v for k, v in system.params.items() if k != "policy"}
+    params = policy_params(system)
     llm = LLM(device="cpu", policy=policy, policy_params=params, max_model_len=cap,
               device_kv_budget=device_kv_budget(system, FULL, cfg, cap), weights=weights)
     ids = real_token_ids(llm.tokenizer, n)

@@ -50,21 +50,31 @@ def kv_share(sparse_fraction: float, dense_layers: int, n_layers: int = N_LAYERS
     return (dense_layers + (n_layers - dense_layers) * f) / n_layers
 
 
-def hetero(policy: str, **params) -> System:
+def hetero(policy: str, weights: str = "dense", **params) -> System:
+    """hetero with ``policy`` and its ``params``; ``weights`` as ``LLM(weights=...)`` (a
+    quantised system is named ``hetero-<policy>-<weights>``)."""
     sparse = policy != "dense"
     budget = params.get("token_budget") or (params.get("n_sink", 0) + params.get("n_local", 0))
     label = f"hetero {policy}" + (f" ({budget} tok/step)" if sparse and budget else "")
-    return System(f"hetero-{policy}", "hetero", label, {"policy": policy, **params},
-                  sparse=sparse)
+    name = f"hetero-{policy}"
+    if weights != "dense":
+        name, label = f"{name}-{weights}", f"{label}, {weights} weights"
+    return System(name, "hetero", label, {"policy": policy, **params, "weights": weights}, sparse=sparse)
 
 
-def hetero_sparse(policy: str, token_budget: int, dense_layers: int, n_local: int = 64) -> System:
+def policy_params(system: System) -> dict:
+    """The policy parameters of a hetero system."""
+    return {k: v for k, v in system.params.items() if k not in ("policy", "weights")}
+
+
+def hetero_sparse(policy: str, token_budget: int, dense_layers: int, n_local: int = 64,
+                  weights: str = "dense") -> System:
     """``quest`` or ``streaming`` attending ``token_budget`` tokens in each sparse layer."""
     if policy == "quest":
-        return hetero("quest", token_budget=token_budget, n_sink=4,
+        return hetero("quest", weights, token_budget=token_budget, n_sink=4,
                       n_local=min(n_local, token_budget - 4), dense_layers=dense_layers)
     if policy == "streaming":
-        return hetero("streaming", n_sink=4, n_local=max(1, token_budget - 4),
+        return hetero("streaming", weights, n_sink=4, n_local=max(1, token_budget - 4),
                       dense_layers=dense_layers)
     raise ValueError(f"no sparse hetero system {policy!r}")
 
@@ -82,7 +92,9 @@ def speed_systems(plan: Plan) -> list[System]:
     """Every system of the decode, prefill and memory workloads."""
     return [
         hetero("dense"),
+        hetero("dense", "quantized"),  # the GGUF's Q4_1 blocks, as llama.cpp reads them
         hetero_sparse("quest", plan.token_budget, plan.dense_layers),
+        hetero_sparse("quest", plan.token_budget, plan.dense_layers, weights="quantized"),
         hetero_sparse("streaming", plan.token_budget, plan.dense_layers),
         hetero("magicpig", dense_layers=plan.dense_layers),  # its keys touched are measured
         HF,
@@ -97,8 +109,7 @@ def device_kv_budget(system: System, plan: Plan, cfg: ModelConfig, n_tokens: int
     ``n_tokens``, with a 10% margin: the whole KV for ``dense``, the policy's resident set
     (``Policy.device_pages``) for the sparse ones. A budget sized to the run is what a user
     sets; a far larger one only costs page-allocator time."""
-    params = {k: v for k, v in system.params.items() if k != "policy"}
-    policy = make_policy(system.params["policy"], **params)
+    policy = make_policy(system.params["policy"], **policy_params(system))
     n_pages = -(-n_tokens // page_size)
     if system.sparse:
         pages = policy.device_pages(cfg, n_tokens, page_size, plan.prefill_chunk) * batch
@@ -111,8 +122,8 @@ def device_kv_budget(system: System, plan: Plan, cfg: ModelConfig, n_tokens: int
 def hetero_llm_args(system: System, plan: Plan, cfg: ModelConfig, n_tokens: int,
                     batch: int = 1) -> dict:
     """Keyword arguments of ``hetero.LLM`` (beside the model) for ``system``."""
-    return {"dtype": plan.dtype, "policy": system.params["policy"],
-            "policy_params": {k: v for k, v in system.params.items() if k != "policy"},
+    return {"dtype": plan.dtype, "policy": system.params["policy"], "policy_params": policy_params(system),
+            "weights": system.params.get("weights", "dense"),
             "device_kv_budget": device_kv_budget(system, plan, cfg, n_tokens, batch),
             "prefill_chunk": plan.prefill_chunk, "max_model_len": n_tokens}
 

@@ -62,6 +62,19 @@ def unpack(raw: np.ndarray, kind: str) -> QuantBlocks:
     return QuantBlocks(np.ascontiguousarray(q.reshape(rows, -1)), d, m)
 
 
+def quantize(w: np.ndarray, kind: str) -> QuantBlocks:
+    """float32 ``w`` [rows, cols] (cols a multiple of 32) in ``kind``'s blocks, as GGUF's own
+    quantiser (``gguf.quants``) writes them, unpacked."""
+    import gguf
+
+    if kind not in FORMATS:
+        raise ValueError(f"unsupported block format {kind!r}; supported: {', '.join(FORMATS)}")
+    if w.ndim != 2 or w.shape[1] % BLOCK:
+        raise ValueError(f"{kind}: a weight [rows, cols] with cols a multiple of {BLOCK}, got {w.shape}")
+    raw = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), getattr(gguf.GGMLQuantizationType, kind))
+    return unpack(raw, kind)
+
+
 @numba.njit(nogil=True, parallel=True, fastmath=True, cache=True)
 def _gemv(q, d, m, xq, xd, xsum, out):  # pragma: no cover - compiled
     n, cols = xq.shape

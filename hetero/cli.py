@@ -79,9 +79,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
-    p.add_argument("--weights", choices=("dense", "quantized"), default="dense",
-                   help="how the linear layers' weights are held: dense (the compute dtype) or "
-                        "quantized (a GGUF's Q4_0/Q4_1/Q8_0 blocks, numba GEMV; CPU only)")
+    p.add_argument("--weights", choices=("dense", "quantized", "q4_0", "q4_1", "q8_0"), default="dense",
+                   help="how the linear layers' weights are held: dense (the compute dtype), quantized "
+                        "(a GGUF's Q4_0/Q4_1/Q8_0 blocks, numba GEMV), or a format to quantise any "
+                        "model to at load; CPU only")
     p.add_argument("--policy", default="dense", help="decode-attention policy (default: dense); the "
                    "policies and their options are listed below")
     p.add_argument("--policy-param", action="append", default=[], type=_name_value,

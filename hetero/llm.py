@@ -19,7 +19,7 @@ from hetero.loader import load_checkpoint, read_gguf_blocks
 from hetero.model import Transformer
 from hetero.outputs import LogprobsOutput, Output
 from hetero.policies import make_policy
-from hetero.quant import quantize_linears
+from hetero.quant import quantize_linears, quantize_weights
 from hetero.sampling import SamplingParams
 from hetero.scheduler import Scheduler
 
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 # and weight reads amortise); 4096 takes most of that gain while a chunk's activations stay
 # small beside the weights. On the CPU larger chunks gain nothing measurable.
 PREFILL_CHUNK = {"cpu": 1024, "cuda": 4096}
+WEIGHTS = ("dense", "quantized", "q4_0", "q4_1", "q8_0")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,9 +55,10 @@ class LLM:
         ``os.cpu_count()`` threads) or "ray" (Ray actors: ``orchestrator.ray_backend``).
     ray_address : with backend "ray": None starts a local Ray instance (loopback only, no
         dashboard); "host:port" or "auto" joins a running cluster.
-    weights : "dense" (every weight in ``dtype``) or "quantized": a GGUF's block-quantised
+    weights : "dense" (every weight in ``dtype``); "quantized": a GGUF's block-quantised
         linear layers (Q4_0, Q4_1, Q8_0) stay in their blocks and run through a numba GEMV
-        (``hetero.quant``; CPU only, float32 compute).
+        (``hetero.quant``); or "q4_0", "q4_1", "q8_0": any model's linear layers quantised
+        to that format at load. CPU only, float32 compute.
     """
 
     def __init__(
@@ -83,10 +85,10 @@ class LLM:
         self.policy = make_policy(policy, **(policy_params or {}))
         dev = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, dev)
-        if weights not in ("dense", "quantized"):
-            raise ValueError(f"weights must be 'dense' or 'quantized', got {weights!r}")
-        if weights == "quantized" and (dev.type != "cpu" or self.dtype != torch.float32):
-            raise ValueError("weights='quantized' runs on the CPU in float32 (no GPU kernel yet): use "
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
+        if weights != "dense" and (dev.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError(f"weights={weights!r} runs on the CPU in float32 (no GPU kernel yet): use "
                              "device='cpu' and dtype='float32', or weights='dense'")
         budget = default_kv_budget(dev) if device_kv_budget is None else parse_size(device_kv_budget)
         check_kv_budget(budget, dev)
@@ -99,11 +101,13 @@ class LLM:
         net.load_hf_state_dict(ckpt.state_dict)
         if weights == "quantized":
             if not Path(ckpt.source).is_file():
-                raise ValueError(f"weights='quantized' needs a GGUF model; {ckpt.source} is an HF "
-                                 f"directory (quantising at load is not supported yet): use weights='dense'")
+                raise ValueError(f"weights='quantized' keeps a GGUF's blocks; {ckpt.source} is an HF "
+                                 f"directory: quantise it at load with weights='q8_0' (or 'q4_0', 'q4_1')")
             if not quantize_linears(net, read_gguf_blocks(ckpt.source, self.config)):
                 raise ValueError(f"{ckpt.source} holds no Q4_0, Q4_1 or Q8_0 linear weights: use "
-                                 f"weights='dense'")
+                                 f"weights='q8_0' to quantise at load, or weights='dense'")
+        elif weights != "dense":
+            quantize_linears(net, quantize_weights(ckpt.state_dict, weights.upper()))
         self.weights = weights
         self.model = net.eval().requires_grad_(False)
         trained = self.config.max_position_embeddings

@@ -1,9 +1,10 @@
-"""Linear layers over block-quantised weights (``weights="quantized"``, CPU).
+"""Linear layers over block-quantised weights (``weights="quantized"`` or a format, CPU).
 
-``quantize_linears`` swaps the model's ``nn.Linear`` layers for :class:`QuantLinear` where the
-checkpoint holds their weights in a block format (``cpu_kernels.quant``: GGUF's Q4_0, Q4_1,
-Q8_0): the fused q/k/v and gate/up projections from their parts, the LM head from the tied
-embedding when there is none of its own. A few rows (decode) go through the numba GEMV, which
+``quantize_linears`` swaps the model's ``nn.Linear`` layers for :class:`QuantLinear` where
+blocks are given for their weights (``cpu_kernels.quant``: GGUF's Q4_0, Q4_1, Q8_0): a GGUF's
+own (``hetero.loader.read_gguf_blocks``) or any checkpoint's quantised at load
+(:func:`quantize_weights`); the fused q/k/v and gate/up projections from their parts, the LM
+head from the tied embedding when there is none of its own. A few rows (decode) go through the numba GEMV, which
 reads 1.25 bytes per weight; a prefill chunk dequantises the weight once per call and runs
 torch's matmul (the weight's read is small beside a chunk's arithmetic).
 """
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cpu_kernels.quant import QuantBlocks, gemv
+from cpu_kernels.quant import QuantBlocks, gemv, quantize
 from hetero.model import Transformer
 
 GEMV_ROWS = 8
@@ -44,6 +45,14 @@ class QuantLinear(nn.Module):
 
 def _cat(parts: list[QuantBlocks]) -> QuantBlocks:
     return QuantBlocks(*(np.concatenate(a) for a in zip(*parts)))
+
+
+def quantize_weights(state_dict: dict[str, Tensor], kind: str) -> dict[str, QuantBlocks]:
+    """The linear layers' weights of an HF state dict (``*_proj.weight``, the LM head or the
+    embedding it is tied to) quantised to ``kind`` (Q4_0, Q4_1 or Q8_0) at load."""
+    linear = [n for n, t in state_dict.items() if t.dim() == 2 and t.shape[1] % 32 == 0 and
+              (n.endswith("_proj.weight") or n in ("lm_head.weight", "model.embed_tokens.weight"))]
+    return {n: quantize(state_dict[n].float().numpy(), kind) for n in linear}
 
 
 def quantize_linears(model: Transformer, blocks: dict[str, QuantBlocks]) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gguf import quants
 
-from cpu_kernels.quant import FORMATS, gemv, quantize_rows, unpack
+from cpu_kernels.quant import FORMATS, gemv, quantize, quantize_rows, unpack
 
 
 def _raw(kind, rows=48, cols=96, seed=0):
@@ -53,3 +53,14 @@ def test_bad_input():
         unpack(np.zeros((2, 21), np.uint8), "Q4_1")
     with pytest.raises(ValueError, match="columns"):
         gemv(unpack(_raw("Q8_0"), "Q8_0"), np.zeros((1, 64), np.float32))
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_quantize_at_load_is_within_a_step_of_the_weight(kind):
+    w = np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32)
+    back = quantize(w, kind).dequantize()
+    levels = {"Q8_0": 127, "Q4_0": 8, "Q4_1": 15}[kind]
+    step = np.abs(w).reshape(8, 2, 32).max(axis=2) / levels  # per block (Q4_1's range / 15 is finer)
+    assert (np.abs(back - w).reshape(8, 2, 32) <= step[..., None] + 1e-3).all()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize(w[:, :40], kind)

@@ -34,10 +34,28 @@ def test_quantized_weights_equal_the_dequantised_dense_path(quant, tmp_path, tin
     torch.testing.assert_close(quantized.model.lm_head(x), ref, atol=1e-4 * ref.abs().max(), rtol=0)
 
 
-def test_quantized_weights_need_a_gguf_on_the_cpu(tiny_model_dir):
-    with pytest.raises(ValueError, match="needs a GGUF model"):
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+def test_an_hf_model_quantised_at_load(kind, tiny_model_dir):
+    dense = LLM(tiny_model_dir, device="cpu", device_kv_budget="8MiB")
+    quantized = LLM(tiny_model_dir, device="cpu", device_kv_budget="8MiB", weights=kind)
+    head = quantized.model.lm_head  # the tied embedding, quantised
+    w = dense.model.lm_head.weight
+    step = w.abs().amax() / (127 if kind == "q8_0" else 15)  # the coarsest block step
+    assert isinstance(head, QuantLinear)
+    assert (torch.from_numpy(head.blocks.dequantize()) - w).abs().max() <= step
+    got = torch.tensor(quantized.logprobs(TEXT).logprobs)
+    want = torch.tensor(dense.logprobs(TEXT).logprobs)
+    # close, not equal: the tiny random model's log-probabilities are about -60
+    rel = (got - want).abs().mean() / want.abs().mean()
+    assert 0 < rel < (0.005 if kind == "q8_0" else 0.03), rel
+    (out,) = quantized.generate(TEXT, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert len(out.token_ids) == 4
+
+
+def test_bad_weights_options(tiny_model_dir):
+    with pytest.raises(ValueError, match="keeps a GGUF's blocks.*weights='q8_0'"):
         LLM(tiny_model_dir, device="cpu", weights="quantized")
-    with pytest.raises(ValueError, match="weights must be 'dense' or 'quantized'"):
+    with pytest.raises(ValueError, match="weights must be one of 'dense', 'quantized', 'q4_0'"):
         LLM(tiny_model_dir, device="cpu", weights="int4")
     with pytest.raises(ValueError, match="in float32"):
         LLM(tiny_model_dir, device="cpu", dtype="bfloat16", weights="quantized")
