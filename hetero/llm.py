@@ -58,7 +58,8 @@ class LLM:
     weights : "dense" (every weight in ``dtype``); "quantized": a GGUF's block-quantised
         linear layers (Q4_0, Q4_1, Q8_0) stay in their blocks and run through a numba GEMV
         (``hetero.quant``); or "q4_0", "q4_1", "q8_0": any model's linear layers quantised
-        to that format at load. CPU only, float32 compute.
+        to that format at load. Decode rows run a GEMV over the codes (numba on the CPU,
+        float32 only; Triton on CUDA).
     """
 
     def __init__(
@@ -87,9 +88,9 @@ class LLM:
         self.dtype = _resolve_dtype(dtype, dev)
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
-        if weights != "dense" and (dev.type != "cpu" or self.dtype != torch.float32):
-            raise ValueError(f"weights={weights!r} runs on the CPU in float32 (no GPU kernel yet): use "
-                             "device='cpu' and dtype='float32', or weights='dense'")
+        if weights != "dense" and dev.type == "cpu" and self.dtype != torch.float32:
+            raise ValueError(f"weights={weights!r} computes in float32 on the CPU: use dtype='float32', "
+                             "or weights='dense'")
         budget = default_kv_budget(dev) if device_kv_budget is None else parse_size(device_kv_budget)
         check_kv_budget(budget, dev)
 

@@ -5,8 +5,9 @@ blocks are given for their weights (``cpu_kernels.quant``: GGUF's Q4_0, Q4_1, Q8
 own (``hetero.loader.read_gguf_blocks``) or any checkpoint's quantised at load
 (:func:`quantize_weights`); the fused q/k/v and gate/up projections from their parts, the LM
 head from the tied embedding when there is none of its own. A few rows (decode) go through the numba GEMV, which
-reads 1.25 bytes per weight; a prefill chunk dequantises the weight once per call and runs
-torch's matmul (the weight's read is small beside a chunk's arithmetic).
+reads 1.25 bytes per weight (a Triton GEMV on CUDA); a prefill chunk dequantises the weight
+once per call and runs the device's matmul (the weight's read is small beside a chunk's
+arithmetic).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpu_kernels.quant import QuantBlocks, gemv, quantize
+from gpu_kernels import quant_linear
 from hetero.model import Transformer
 
 GEMV_ROWS = 8
@@ -24,23 +26,47 @@ GEMV_ROWS = 8
 
 
 class QuantLinear(nn.Module):
-    """``y = x @ W.T`` (no bias) with ``W`` held as :class:`QuantBlocks`, float32 compute."""
+    """``y = x @ W.T`` (no bias) with ``W`` held as block codes ``q`` (int8 [out, in]) and
+    per-block ``d``, ``m`` (float32 [out, in / 32]) on the model's device.
 
-    def __init__(self, blocks: QuantBlocks):
+    Decode rows (at most :data:`GEMV_ROWS`) go through a GEMV that reads the codes: on CUDA
+    ``gpu_kernels.quant_linear`` (Triton), on the CPU ``cpu_kernels.quant.gemv`` (numba,
+    int16 activations, float32). More rows (a prefill chunk) dequantise the weight and use
+    the device's matmul."""
+
+    def __init__(self, blocks: QuantBlocks, device: torch.device | str = "cpu"):
         super().__init__()
-        self.blocks = blocks
+        for name, a in zip(("q", "d", "m"), blocks):
+            self.register_buffer(name, torch.from_numpy(a).to(device))
         self.out_features, self.in_features = blocks.q.shape
+
+    @property
+    def blocks(self) -> QuantBlocks:
+        """The codes and scales as numpy views (CPU)."""
+        return QuantBlocks(self.q.numpy(), self.d.numpy(), self.m.numpy())
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= GEMV_ROWS:
-            out = torch.from_numpy(gemv(self.blocks, rows.float().contiguous().numpy()))
+        if rows.shape[0] > GEMV_ROWS:
+            out = F.linear(rows, self.dequantize(rows.dtype))
+        elif _on_gpu(rows):
+            out = quant_linear(rows, self.q, self.d, self.m)
         else:
-            out = F.linear(rows.float(), torch.from_numpy(self.blocks.dequantize()))
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            out = torch.from_numpy(gemv(self.blocks, rows.float().contiguous().numpy())).to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight [out, in] in ``dtype``, on the codes' device."""
+        w = self.q.view(self.out_features, -1, 32).float() * self.d[..., None] + self.m[..., None]
+        return w.reshape(self.out_features, self.in_features).to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks of 32"
+
+
+def _on_gpu(x: Tensor) -> bool:
+    """Whether ``x`` takes the device GEMV (tests point the CPU at it)."""
+    return x.is_cuda
 
 
 def _cat(parts: list[QuantBlocks]) -> QuantBlocks:
@@ -65,7 +91,7 @@ def quantize_linears(model: Transformer, blocks: dict[str, QuantBlocks]) -> int:
         nonlocal swapped
         linear = getattr(module, attr)
         if linear.bias is None and all(n in blocks for n in names):
-            setattr(module, attr, QuantLinear(_cat([blocks[n] for n in names])))
+            setattr(module, attr, QuantLinear(_cat([blocks[n] for n in names]), linear.weight.device))
             swapped += 1
 
     for i, b in enumerate(model.blocks):

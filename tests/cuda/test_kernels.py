@@ -3,9 +3,10 @@ shapes against the float64 oracles of the CPU tests (``make test-cuda``; skipped
 
 Shapes: head_dim 64 and 128; GQA groups 4 (32/8), 8 (32/4) and SmolLM2-135M's 3 (9/3); up to
 32k keys; batch 1 and 8; block tables listing a shuffled permutation of the cache's pages
-(per KV head for decode); prefill chunks of 1024 and 4096 over up to 32k prior keys. Inputs
-are rounded to the dtype first and the oracle runs in float64 on the rounded values. Each test
-also checks that the launcher dispatched to its Triton path, and only to it.
+(per KV head for decode); prefill chunks of 1024 and 4096 over up to 32k prior keys;
+block-quantised GEMVs of SmolLM2's 3072x576 projection and 49152x576 LM head at 1 to 8 rows.
+Inputs are rounded to the dtype first and the oracle runs in float64 on the rounded values.
+Each test also checks that the launcher dispatched to its Triton path, and only to it.
 """
 
 import importlib
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 from gpu_kernels import (
-    merge_partials, paged_decode_attention, prefill_attention, prior_attention, quest_page_scores,
-    simhash_codes,
+    merge_partials, paged_decode_attention, prefill_attention, prior_attention, quant_linear,
+    quest_page_scores, simhash_codes,
 )
 from tests.cpu_kernels.lsh_reference import simhash_reference
 from tests.gpu_kernels.test_quest import _brute as quest_oracle
@@ -55,6 +56,7 @@ PATHS = [
     ("gpu_kernels.merge", ("_merge_triton", "_merge_torch")),
     ("gpu_kernels.quest", ("_quest_triton", "_quest_torch")),
     ("gpu_kernels.simhash", ("_simhash_triton", "_simhash_torch")),
+    ("gpu_kernels.quant_gemv", ("_quant_gemv_triton", "_quant_gemv_torch")),
 ]
 
 
@@ -313,8 +315,47 @@ def test_kernels_are_compiled():
     """Under Triton's interpreter these tests would not test the compiled kernels."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from gpu_kernels import decode, merge, prefill, quest, simhash
+    from gpu_kernels import decode, merge, prefill, quant_gemv, quest, simhash
 
     kernels = [decode._decode_split_kernel, merge._merge_kernel, prefill._prefill_kernel,
-               quest._quest_kernel, simhash._simhash_kernel]
+               quest._quest_kernel, simhash._simhash_kernel, quant_gemv._quant_gemv_kernel]
     assert not any(isinstance(kernel, InterpretedFunction) for kernel in kernels)
+
+
+# --- block-quantised linear ---------------------------------------------------------------
+
+# (rows, cols, n): SmolLM2-135M's fused gate/up projection at decode batch 1, 3 and 8, and its
+# 49152x576 LM head at batch 1 and 8.
+QUANT_SHAPES = [(3072, 576, 1), (3072, 576, 3), (3072, 576, 8), (49152, 576, 1), (49152, 576, 8)]
+
+
+def _quant_weight(rows: int, cols: int, kind: str, seed: int):
+    """Codes and scales shaped as ``cpu_kernels.quant.unpack`` gives them for ``kind``, on the
+    device: Q4_0 codes -8..7 with m = 0, Q4_1 codes 0..15 with an offset, Q8_0 int8 codes with
+    m = 0. Weights are ~0.05 in size, so outputs are of order 1."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    nb = cols // 32
+    lo, hi, d_size = {"Q4_0": (-8, 8, 0.02), "Q4_1": (0, 16, 0.02), "Q8_0": (-128, 128, 0.001)}[kind]
+    q = torch.randint(lo, hi, (rows, cols), generator=g, device=DEVICE).to(torch.int8)
+    d = (torch.rand(rows, nb, generator=g, device=DEVICE) + 0.25) * d_size
+    m = torch.zeros_like(d)
+    if kind == "Q4_1":
+        m = -8 * d + torch.randn(rows, nb, generator=g, device=DEVICE) * 0.01
+    return q, d, m
+
+
+@pytest.mark.parametrize("rows,cols,n", QUANT_SHAPES)
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_quant_linear(calls, dtype, kind, rows, cols, n):
+    """``x @ W.T`` over a block-quantised weight against the float64 product with the
+    dequantised weight, at decode's few rows of x."""
+    q, d, m = _quant_weight(rows, cols, kind, seed=rows + n)
+    x = _randn((n, cols), rows + n + 1, dtype)
+    out = quant_linear(x, q, d, m)
+    _assert_took(calls, "_quant_gemv_triton")
+    assert out.dtype == dtype and out.shape == (n, rows) and out.device == x.device
+    w = q.double().view(rows, -1, 32) * d.double()[..., None] + m.double()[..., None]
+    ref = x.double() @ w.view(rows, cols).T
+    atol, rtol, _ = TOL[dtype]  # fp32 sums of 576 products; bf16, fp16: the output's rounding
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)

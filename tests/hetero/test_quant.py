@@ -57,5 +57,18 @@ def test_bad_weights_options(tiny_model_dir):
         LLM(tiny_model_dir, device="cpu", weights="quantized")
     with pytest.raises(ValueError, match="weights must be one of 'dense', 'quantized', 'q4_0'"):
         LLM(tiny_model_dir, device="cpu", weights="int4")
-    with pytest.raises(ValueError, match="in float32"):
-        LLM(tiny_model_dir, device="cpu", dtype="bfloat16", weights="quantized")
+    with pytest.raises(ValueError, match="in float32 on the CPU"):
+        LLM(tiny_model_dir, device="cpu", dtype="bfloat16", weights="q8_0")
+
+
+def test_the_device_path_of_a_quantized_layer(tiny_model_dir, monkeypatch):
+    """The branch a CUDA tensor takes (gpu_kernels.quant_linear; its torch path here) gives
+    what the numba GEMV gives, and prefill-sized inputs the dequantised matmul."""
+    llm = LLM(tiny_model_dir, device="cpu", weights="q4_1")
+    layer = llm.model.blocks[0].w13
+    x = torch.randn(3, layer.in_features)
+    numba_out = layer(x)
+    monkeypatch.setattr("hetero.quant._on_gpu", lambda t: True)
+    torch.testing.assert_close(layer(x), numba_out, atol=1e-4, rtol=1e-4)
+    many = torch.randn(20, layer.in_features)
+    torch.testing.assert_close(layer(many), many @ layer.dequantize().T)
