@@ -112,8 +112,9 @@ class Policy(ABC):
         ``fits`` tells whether its whole KV fits the free device budget."""
         return True
 
-    def cache_pages(self, cfg: ModelConfig, page_size: int) -> int:
-        """Pages of fetched (offloaded) KV a layer's page cache keeps between decode steps."""
+    def cache_pages(self, cfg: ModelConfig, page_size: int, n_pages: int) -> int:
+        """Pages of fetched (offloaded) KV a layer's page cache keeps between decode steps
+        when a sequence has ``n_pages`` per layer."""
         return 0
 
     def offload_pages(self, n_pages: int, page_size: int) -> int:
@@ -151,7 +152,7 @@ class Policy(ABC):
         other layer."""
         n_pages = -(-n_tokens // page_size)
         n_dense = min(self.dense_layers, cfg.n_layers)
-        cached = min(self._layer_share(n_pages, page_size) + self.cache_pages(cfg, page_size), n_pages + 1)
+        cached = self._layer_share(n_pages, page_size) + self.cache_pages(cfg, page_size, n_pages)
         return n_dense * n_pages + (cfg.n_layers - n_dense) * cached
 
     def prefill_pages(self, cfg: ModelConfig, n_tokens: int, page_size: int, chunk: int,
@@ -164,17 +165,22 @@ class Policy(ABC):
         n_dense = min(self.dense_layers, cfg.n_layers)
         if n_dense == cfg.n_layers:
             return n_dense * n_pages
-        share = min(self._layer_share(n_pages, page_size), n_pages + 1)
+        share = self._layer_share(n_pages, page_size)
         if stream_prefill:
             at_hand = share + chunk // page_size + 1 + self.stream_pages
         else:
             at_hand = n_pages + self.offload_pages(n_pages, page_size)
         return n_dense * n_pages + (cfg.n_layers - n_dense - 1) * share + at_hand
 
+    def resident_share(self, n_pages: int, page_size: int) -> int:
+        """Most resident pages an offloaded layer holds: sinks and the window (and the page
+        that leaves it, and a partial one), never more than the sequence's pages and one."""
+        return min(n_pages + 1, self.sink_pages(page_size) + self.n_local // page_size + 2)
+
     def _layer_share(self, n_pages: int, page_size: int) -> int:
-        """Device pages an offloaded layer keeps: sinks, the window (and the page that
-        leaves it, and a partial one), what the policy keeps of its offloaded pages."""
-        return self.sink_pages(page_size) + self.n_local // page_size + 2 + self.offload_pages(n_pages, page_size)
+        """Device pages an offloaded layer keeps: its resident pages, and what the policy
+        keeps of its offloaded pages."""
+        return self.resident_share(n_pages, page_size) + self.offload_pages(n_pages, page_size)
 
     # -- lifecycle hooks (no-ops unless a policy keeps state outside the store) ---------
 

@@ -80,11 +80,11 @@ class QuestPolicy(Policy):
         offloadable = self.first_local(n_tokens, page_size) - self.sink_pages(page_size)
         return not fits or offloadable > self.top_pages(page_size)
 
-    def cache_pages(self, cfg: ModelConfig, page_size: int) -> int:
-        # the head cache: the top pages, each KV head's picks in the same pages, then copies
-        # of the resident pages (sinks, window, the page leaving it)
-        resident = self.sink_pages(page_size) + self.n_local // page_size + 2
-        return self.top_pages(page_size) + resident + HEAD_CACHE_SPARE
+    def cache_pages(self, cfg: ModelConfig, page_size: int, n_pages: int) -> int:
+        # the head cache: the top pages (no more than there are), each KV head's picks in the
+        # same pages, then copies of the resident pages (sinks, window, the page leaving it)
+        return (min(self.top_pages(page_size), n_pages) + self.resident_share(n_pages, page_size)
+                + HEAD_CACHE_SPARE)
 
     def offload_pages(self, n_pages: int, page_size: int) -> int:
         return -(-n_pages // page_size)  # key bounds: one slot per page

@@ -109,6 +109,23 @@ def test_a_batch_fits_a_budget_of_exactly_its_resident_sets(tiny_model_dir, refe
     assert [len(o.token_ids) for o in outs] == [12, 12] and llm.store.allocator.n_used == 0
 
 
+@pytest.mark.parametrize("n", [60, 90])
+def test_a_short_offloading_quest_sequence_fits_its_estimate(tiny_model_dir, reference, n):
+    """A sequence barely longer than quest's selection, forced to offload: its head caches
+    (the top pages and copies of the resident ones) outgrow the layer's own pages, and the
+    budget ``device_pages`` gives must still hold them (it once capped a layer at its
+    pages + 1, and decoding ran out of pages)."""
+    ids = reference[0][:n]
+    params = dict(n_sink=4, n_local=16, token_budget=4 + 16 + 10 * 4, dense_layers=1)
+    llm = _llm(tiny_model_dir, "quest", **params)
+    cfg, ps, chunk = llm.config, llm.store.page_size, llm.engine.prefill_chunk
+    pages = llm.policy.device_pages(cfg, n + 12, ps, chunk)
+    llm = _llm(tiny_model_dir, "quest", pages * llm.store.page_bytes, **params)
+    (out,) = llm.generate(ids, GREEDY)
+    assert len(out.token_ids) == 12 and out.stats.host_kv_bytes > 0  # it offloaded
+    assert out.stats.device_kv_bytes_peak <= pages * llm.store.page_bytes
+
+
 def test_budget_below_the_resident_set_is_a_clear_error(tiny_model_dir):
     llm = _llm(tiny_model_dir, "quest", 24 * 4 * KV_PER_TOKEN // 4, n_sink=4, n_local=16,
                token_budget=64)
