@@ -1,13 +1,13 @@
-"""Linear layers over block-quantised weights (``weights="quantized"`` or a format, CPU).
+"""Linear layers over block-quantised weights (``LLM(weights="quantized")`` or a format).
 
 ``quantize_linears`` swaps the model's ``nn.Linear`` layers for :class:`QuantLinear` where
 blocks are given for their weights (``cpu_kernels.quant``: GGUF's Q4_0, Q4_1, Q8_0): a GGUF's
 own (``hetero.loader.read_gguf_blocks``) or any checkpoint's quantised at load
 (:func:`quantize_weights`); the fused q/k/v and gate/up projections from their parts, the LM
-head from the tied embedding when there is none of its own. A few rows (decode) go through the numba GEMV, which
-reads 1.25 bytes per weight (a Triton GEMV on CUDA); a prefill chunk dequantises the weight
-once per call and runs the device's matmul (the weight's read is small beside a chunk's
-arithmetic).
+head from the tied embedding when there is none of its own. A few rows (decode) go through a
+GEMV that reads 1.25 bytes per weight (numba on the CPU, Triton on CUDA); a prefill chunk
+dequantises the weight once per call and runs the device's matmul (the weight's read is
+small beside a chunk's arithmetic).
 """
 
 from __future__ import annotations
