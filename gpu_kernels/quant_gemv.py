@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["quant_linear"]
+__all__ = ["dequantize", "quant_linear"]
 
 BLOCK = 32  # weights per quantisation block (cpu_kernels.quant.BLOCK)
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,8 +106,9 @@ def _quant_gemv_triton(x: Tensor, q: Tensor, d: Tensor, m: Tensor, block_r: int 
     return out
 
 
-def _dequantize(q: Tensor, d: Tensor, m: Tensor) -> Tensor:
-    """float32 [rows, cols]: ``d * q + m`` per block of 32 (``QuantBlocks.dequantize``)."""
+def dequantize(q: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """The weight float32 [rows, cols]: ``d * q + m`` per block of 32, on the codes' device
+    (``cpu_kernels.quant.QuantBlocks.dequantize`` in numpy)."""
     rows, cols = q.shape
     w = q.view(rows, -1, BLOCK).float() * d[..., None] + m[..., None]
     return w.view(rows, cols)
@@ -115,7 +116,7 @@ def _dequantize(q: Tensor, d: Tensor, m: Tensor) -> Tensor:
 
 def _quant_gemv_torch(x: Tensor, q: Tensor, d: Tensor, m: Tensor) -> Tensor:
     """Torch path of ``quant_linear``: the weight dequantised to fp32, then an fp32 matmul."""
-    return (x.float() @ _dequantize(q, d, m).T).to(x.dtype)
+    return (x.float() @ dequantize(q, d, m).T).to(x.dtype)
 
 
 def quant_linear(x: Tensor, q: Tensor, d: Tensor, m: Tensor) -> Tensor:

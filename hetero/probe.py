@@ -16,6 +16,7 @@ policy's decode attention is ``LLM.decode_logprobs``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,7 +64,7 @@ def _step_means(errors: dict[int, list[float]], skip_layers: int) -> list[float]
     return [sum(col) / len(col) for col in zip(*per_layer)]
 
 
-class _ExactHook:
+class _ExactHook(ABC):
     """An attention hook (``hook(layer, q, plan, out)``) that measures ``out`` and returns
     exact attention in its place."""
 
@@ -85,8 +86,9 @@ class _ExactHook:
             for b, (s, n) in enumerate(zip(step.seq_ids, step.n_tokens))
         ])
 
+    @abstractmethod
     def __call__(self, layer: int, q: Tensor, plan: StepPlan, out: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Measure ``out`` of one layer; return the exact output to go on with."""
 
 
 class AttentionProbe(_ExactHook):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpu_kernels.quant import QuantBlocks, gemv, quantize
-from gpu_kernels import quant_linear
+from gpu_kernels.quant_gemv import dequantize, quant_linear
 from hetero.model import Transformer
 
 GEMV_ROWS = 8
@@ -57,8 +57,7 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight [out, in] in ``dtype``, on the codes' device."""
-        w = self.q.view(self.out_features, -1, 32).float() * self.d[..., None] + self.m[..., None]
-        return w.reshape(self.out_features, self.in_features).to(dtype)
+        return dequantize(self.q, self.d, self.m).to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks of 32"

@@ -115,6 +115,12 @@ class SeqPages:
             return range(0)
         return range(self.sink_pages, max(self.sink_pages, self.settled))
 
+    def offloads_layer(self, layer: int) -> bool:
+        """Whether ``layer`` has pages on the host tier (the offloaded run; dense layers and
+        sequences that keep their KV have none)."""
+        run = self.offloaded
+        return bool(run) and self.layers[layer][run.start] == OFFLOADED
+
     def pages_for(self, n_tokens: int) -> int:
         """How many more pages per layer are needed to hold ``n_tokens`` tokens in all."""
         return max(0, -(-n_tokens // self.page_size) - self.n_pages)

@@ -243,7 +243,7 @@ class Policy(ABC):
         tables = step.tables
         return self.layer_tables(step, {
             layer: [self.resident_pages(t, layer) for t in tables]
-            for layer in range(step.store.cfg.n_layers) if not _whole(tables, layer)
+            for layer in range(step.store.cfg.n_layers) if any(t.offloads_layer(layer) for t in tables)
         })
 
     def layer_tables(self, step: DecodeStep, rows: dict[int, list[list[int]]]) -> list[LayerTables]:
@@ -271,12 +271,8 @@ class Policy(ABC):
         it), so that with the offloaded run (``SeqPages.offloaded``) they cover every
         token."""
         pages = table.layers[layer][: -(-table.n_tokens // table.page_size)]
-        run = table.offloaded
-        if run and pages[run.start] == OFFLOADED:  # a layer that offloads (not a dense one)
+        if table.offloads_layer(layer):
+            run = table.offloaded
             pages = pages[: run.start] + pages[run.stop :]
         return pages
 
-
-def _whole(tables: list[SeqPages], layer: int) -> bool:
-    """Whether every sequence keeps all its pages of ``layer`` on the device."""
-    return all(not t.offloaded or t.layers[layer][t.offloaded.start] != OFFLOADED for t in tables)

@@ -198,9 +198,8 @@ class QuestPolicy(Policy):
         store, ps = step.store, step.store.page_size
         rows, work, copies = {}, [[] for _ in range(store.cfg.n_layers)], []
         tables = step.tables
-        for layer in range(self.dense_layers, store.cfg.n_layers):
-            if not any(t.offloaded for t in tables):
-                break
+        sparse = range(self.dense_layers, store.cfg.n_layers) if any(t.offloaded for t in tables) else ()
+        for layer in sparse:
             layer_rows = []
             for b, (s, t) in enumerate(zip(step.seq_ids, tables)):
                 resident, run = self.resident_pages(t, layer), t.offloaded

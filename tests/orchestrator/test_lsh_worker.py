@@ -180,13 +180,20 @@ def test_bad_calls():
         worker.build((0, LAYER, keys, values, 16, 64))
 
 
-def test_an_own_copy_filled_from_rows_equals_views_of_the_host_tier():
-    # a worker in another process receives the rows instead of viewing the host tier
-    keys, values = _host()
+def _viewer_and_owner(keys, values):
+    """Two workers with tables over positions [16, 96): one viewing the host tier, one
+    filled from its rows (as a worker in another process is); and their projection."""
     viewer, r = _worker(4, 8)
     owner, _ = _worker(4, 8)
     viewer.build(_tier(0, LAYER, keys, values, 16, 96))
     owner.build(_rows(0, 16, 96, 16, keys, values))
+    return viewer, owner, r
+
+
+def test_an_own_copy_filled_from_rows_equals_views_of_the_host_tier():
+    # a worker in another process receives the rows instead of viewing the host tier
+    keys, values = _host()
+    viewer, owner, r = _viewer_and_owner(keys, values)
     assert not np.shares_memory(owner.state[(0, LAYER)].keys, keys.numpy())
     q = torch.randn(HKV * G, D, generator=torch.Generator().manual_seed(4))
     codes = simhash_reference(q, r, 4, 8).to(torch.int32)
@@ -210,10 +217,7 @@ def test_bad_rows():
 def test_rows_fill_the_copy_across_calls():
     # the first call brings [16, 96), the next only [96, 112): the copy holds both
     keys, values = _host()
-    viewer, r = _worker(4, 8)
-    owner, _ = _worker(4, 8)
-    viewer.build(_tier(0, LAYER, keys, values, 16, 96))
-    owner.build(_rows(0, 16, 96, 16, keys, values))
+    viewer, owner, r = _viewer_and_owner(keys, values)
     owner.build(_rows(0, 16, 112, 96, keys, values))  # a rebuild with the tail only
     viewer.build(_tier(0, LAYER, keys, values, 16, 112))
     q = torch.randn(HKV * G, D, generator=torch.Generator().manual_seed(4))
