@@ -67,7 +67,9 @@ class Engine:
         A sequence that keeps its KV on the device is prefilled chunk by chunk through all
         layers; one that offloads, layer by layer (:meth:`_prefill_layers`).
         """
-        if self.store.tables[seq_id].offload:
+        if self.policy.bounded_positions:
+            hidden = self._prefill_windows(seq_id, token_ids, score, progress)
+        elif self.store.tables[seq_id].offload:
             hidden = self._prefill_layers(seq_id, token_ids, progress)
         else:
             hidden = self._prefill_chunks(seq_id, token_ids, score, progress)
@@ -110,6 +112,35 @@ class Engine:
             table.n_tokens = start + n
             if progress is not None:
                 progress(n)
+        return torch.cat(hidden)
+
+    def _prefill_windows(
+        self, seq_id: int, token_ids: list[int], keep_all: bool,
+        progress: Callable[[int], None] | None,
+    ) -> Tensor:
+        """Window-major prefill for a policy with bounded positions (actqkv): each window of
+        ``policy.window`` tokens runs through every layer, without RoPE, the policy attending
+        over the layer's memory and local window (``attend_window``); then the pages that
+        left the local window go to the host tier. A window's cost does not grow with the
+        prompt. Returns the final hidden states [n, hidden] (with ``keep_all``; else of the
+        last window only)."""
+        store, policy = self.store, self.policy
+        hidden = []
+        for start in range(0, len(token_ids), policy.window):
+            chunk = token_ids[start : start + policy.window]
+            store.reserve(seq_id, start + len(chunk))
+            slots = store.slots(seq_id, start, len(chunk))
+
+            def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                store.write(slots[layer], k, v)
+                return policy.attend_window(store, seq_id, layer, start, q, k, self.scale)
+
+            out = self.model(store.device.tensor(chunk, torch.int64), None, attend)
+            hidden = [*hidden, out] if keep_all else [out]
+            store.tables[seq_id].n_tokens = start + len(chunk)
+            self._evict(seq_id)
+            if progress is not None:
+                progress(len(chunk))
         return torch.cat(hidden)
 
     def _prefill_layers(
@@ -185,8 +216,8 @@ class Engine:
             return out
 
         tokens = store.device.tensor([*token_ids, *positions], torch.int64)
-        hidden = self.model(tokens[: len(seq_ids)], tokens[len(seq_ids) :], attend, max(positions) + 1,
-                            self._qk_hook(seq_ids))
+        rotary = None if self.policy.bounded_positions else tokens[len(seq_ids) :]
+        hidden = self.model(tokens[: len(seq_ids)], rotary, attend, max(positions) + 1, self._qk_hook(seq_ids))
         for s in seq_ids:
             self._evict(s)
         logits = self.model.logits(hidden)

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 # small beside the weights. On the CPU larger chunks gain nothing measurable.
 PREFILL_CHUNK = {"cpu": 1024, "cuda": 4096}
 WEIGHTS = ("dense", "quantized", "q4_0", "q4_1", "q8_0")
+LONG_CONTEXT = 1 << 20  # max_model_len of a policy that reads past the trained context
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,7 +50,10 @@ class LLM:
     page_size : tokens per KV page (a power of two).
     prefill_chunk : prompt tokens per prefill step (a multiple of ``page_size``); None = 1024
         on the CPU, 4096 on CUDA (``PREFILL_CHUNK``).
-    max_model_len : longest prompt + generation; None = the model's trained context.
+    max_model_len : longest prompt + generation; None = the model's trained context, or
+        ``LONG_CONTEXT`` for a policy with bounded positions (``actqkv``), which reads past it.
+        Set above the trained context for another policy, it runs there, with a warning:
+        positions it was not trained on degrade the output.
     backend : where CPU workers run, a name registered under the entry points
         ``hetero.backends`` (``hetero.backend.backend_names()``): "local" (a thread pool of
         ``os.cpu_count()`` threads) or "ray" (Ray actors: ``orchestrator.ray_backend``).
@@ -112,8 +116,10 @@ class LLM:
         self.weights = weights
         self.model = net.eval().requires_grad_(False)
         trained = self.config.max_position_embeddings
-        self.max_model_len = trained if max_model_len is None else max_model_len
-        if self.max_model_len > trained:
+        if max_model_len is None:
+            max_model_len = LONG_CONTEXT if self.policy.bounded_positions else trained
+        self.max_model_len = max_model_len
+        if max_model_len > trained and not self.policy.bounded_positions:
             logger.warning("max_model_len %d exceeds the %d tokens %s was trained on: quality "
                            "may drop", self.max_model_len, trained, self.model_name)
         self.device = Device(dev)

@@ -50,16 +50,23 @@ class Rope:
     def tables(self, positions: Tensor, dtype: torch.dtype, bound: int | None = None) -> tuple[Tensor, Tensor]:
         """cos, sin [N, 1, head_dim] for ``positions`` [N], all below ``bound`` (a Python int
         the caller knows; without it the positions are read back to find it)."""
-        need = int(positions.max()) + 1 if bound is None else bound
-        stale = self._cos is None or self._cos.dtype != dtype or self._cos.device != positions.device
+        self._grow(int(positions.max()) + 1 if bound is None else bound, dtype, positions.device)
+        return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+
+    def span(self, n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin [n, 1, head_dim] of positions ``0 .. n-1`` (views, no gather)."""
+        self._grow(n, dtype, device)
+        return self._cos[:n, None], self._sin[:n, None]
+
+    def _grow(self, need: int, dtype: torch.dtype, device: torch.device) -> None:
+        stale = self._cos is None or self._cos.dtype != dtype or self._cos.device != device
         if stale or self._cos.shape[0] < need:
             n = max(need, 4096, 0 if stale else 2 * self._cos.shape[0])
             t = torch.arange(n, dtype=torch.float32, device="cpu")
             freqs = torch.outer(t, self.inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos = emb.cos().to(positions.device, dtype)
-            self._sin = emb.sin().to(positions.device, dtype)
-        return self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+            self._cos = emb.cos().to(device, dtype)
+            self._sin = emb.sin().to(device, dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -82,8 +89,9 @@ class Block(nn.Module):
         self.w13 = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)  # gate | up
         self.w2 = nn.Linear(cfg.intermediate_size, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn,
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, attend: AttendFn,
                 on_qk: QKFn | None = None) -> Tensor:
+        """``cos``, ``sin`` None: q and k reach ``attend`` before the rotary embedding."""
         cfg = self.cfg
         n = x.shape[0]
         qkv = self.wqkv(self.attn_norm(x))
@@ -91,7 +99,8 @@ class Block(nn.Module):
         q, k = q.view(n, cfg.n_heads, cfg.head_dim), k.view(n, cfg.n_kv_heads, cfg.head_dim)
         if on_qk is not None:
             on_qk(self.layer, q, k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(n, cfg.n_kv_heads, cfg.head_dim)
         x = x + self.wo(attend(self.layer, q, k, v).reshape(n, self.q_size))
         gate, up = self.w13(self.mlp_norm(x)).chunk(2, dim=-1)
@@ -110,13 +119,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = Rope(cfg)
 
-    def forward(self, tokens: Tensor, positions: Tensor, attend: AttendFn, bound: int | None = None,
+    def forward(self, tokens: Tensor, positions: Tensor | None, attend: AttendFn, bound: int | None = None,
                 on_qk: QKFn | None = None) -> Tensor:
         """Final-normed hidden states [N, hidden] for ``tokens`` [N] at ``positions`` [N]
-        (all below ``bound`` if given, which spares reading them back). ``on_qk`` sees each
-        layer's q and k before the rotary embedding."""
+        (all below ``bound`` if given, which spares reading them back); ``positions`` None:
+        no rotary embedding, ``attend`` places q and k itself. ``on_qk`` sees each layer's q
+        and k before the rotary embedding."""
         x = self.embed(tokens)
-        cos, sin = self.rope.tables(positions, x.dtype, bound)
+        cos, sin = (None, None) if positions is None else self.rope.tables(positions, x.dtype, bound)
         for block in self.blocks:
             x = block(x, cos, sin, attend, on_qk)
         return self.norm(x)

@@ -172,7 +172,7 @@ class Scheduler:
                 ids = self.tokenizer(prompt)["input_ids"]
         if len(ids) >= self.max_model_len:
             raise ValueError(
-                f"prompt has {len(ids)} tokens, the context limit is {self.max_model_len}: "
+                f"prompt has {len(ids)} tokens, the context limit is {self.max_model_len}{self._past_trained()}: "
                 f"shorten it or pass a larger max_model_len"
             )
         return ids
@@ -190,9 +190,16 @@ class Scheduler:
             if n - i >= self.max_model_len:
                 raise ValueError(
                     f"prompt has more than {self.max_model_len} tokens (counted up to character "
-                    f"{start + piece} of {len(text)}), the context limit is {self.max_model_len}: "
-                    f"shorten it or pass a larger max_model_len"
+                    f"{start + piece} of {len(text)}), the context limit is "
+                    f"{self.max_model_len}{self._past_trained()}: shorten it or pass a larger max_model_len"
                 )
+
+    def _past_trained(self) -> str:
+        """What a context limit at the trained context means, for an error message."""
+        if self.policy.bounded_positions or self.max_model_len != self.config.max_position_embeddings:
+            return ""
+        return (f" (the positions {self.model_name} was trained on; policy {self.policy.name!r} cannot "
+                f"read past them: use policy='actqkv', which can)")
 
     def admit(self, prompts: list, params: SamplingParams | None, chat: bool) -> list[_Request]:
         """Check and tokenise every prompt, then reserve KV for each: everything about a

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from hetero.policies.actqkv import ActQKVPolicy
 from hetero.policies.base import DecodeStep, LayerTables, Policy, StepPlan, pack_rows
 from hetero.policies.dense import DensePolicy
 from hetero.policies.exact import exact_attention
@@ -15,7 +16,7 @@ from hetero.policies.quest import QuestPolicy
 from hetero.policies.streaming import StreamingPolicy
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (DensePolicy, StreamingPolicy, QuestPolicy, MagicPIGPolicy)
+    cls.name: cls for cls in (DensePolicy, StreamingPolicy, QuestPolicy, MagicPIGPolicy, ActQKVPolicy)
 }
 
 
@@ -69,7 +70,7 @@ def make_policy(name: str, **params) -> Policy:
 
 
 __all__ = [
-    "POLICIES", "DecodeStep", "DensePolicy", "LayerTables", "MagicPIGPolicy", "Policy", "QuestPolicy", "StepPlan",
+    "POLICIES", "ActQKVPolicy", "DecodeStep", "DensePolicy", "LayerTables", "MagicPIGPolicy", "Policy", "QuestPolicy", "StepPlan",
     "StreamingPolicy", "exact_attention", "make_policy", "pack_rows", "parse_policy_params", "policy_options",
     "register_policy",
 ]

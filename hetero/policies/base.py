@@ -90,6 +90,10 @@ class Policy(ABC):
 
     name: ClassVar[str]
     raw_qk: ClassVar[bool] = False  # whether the engine calls on_qk
+    # True: keys are stored before the rotary embedding and the policy places them itself
+    # (InfLLM's bounded positions), so the model reads past its trained context; the engine
+    # prefills window by window through every layer (attend_window) and decodes without RoPE
+    bounded_positions: ClassVar[bool] = False
     n_sink: int = 4
     n_local: int = 64
     dense_layers: int = 0
@@ -224,6 +228,15 @@ class Policy(ABC):
         whose KV is in the store as when it was exported."""
         if state:
             raise ValueError(f"{self.name} keeps no per-sequence state, got {sorted(state)}")
+
+    # -- prefill, for a policy with bounded positions ----------------------------------------
+
+    def attend_window(self, store: KVStore, seq_id: int, layer: int, start: int, q: Tensor, k: Tensor,
+                      scale: float) -> Tensor:
+        """Attention output [C, Hq, D] of one prefill window's queries ``q`` [C, Hq, D] at
+        positions ``start ..`` in ``layer``; its keys ``k`` [C, Hkv, D] and values are in the
+        store (q and k before the rotary embedding). Only for ``bounded_positions``."""
+        raise NotImplementedError(f"{self.name} has no windowed prefill")
 
     # -- decode: plan once per step, run per layer ----------------------------------------
 

@@ -71,6 +71,7 @@ POLICIES = [
     ("streaming", {"n_sink": 4, "n_local": 16}, "8MiB"),
     ("quest", {"n_sink": 4, "n_local": 16, "token_budget": 48, "dense_layers": 1}, "8MiB"),
     ("magicpig", {"n_sink": 4, "n_local": 16, "lsh_k": 4, "lsh_l": 8, "dense_layers": 1}, "8MiB"),
+    ("actqkv", {"n_sink": 4, "n_local": 16, "window": 16, "top_blocks": 4, "min_blocks": 2}, "8MiB"),
 ]
 
 

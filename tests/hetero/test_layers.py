@@ -140,7 +140,7 @@ def test_the_cli_help_lists_a_registered_policy_and_its_options(toy, capsys):
         main(["generate", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "{dense,streaming,quest,magicpig,toy}" in out
+    assert "{dense,streaming,quest,magicpig,actqkv,toy}" in out
     assert "toy" in out and "x=0 ratio=0.5 on=False label=''" in out
 
 

@@ -78,19 +78,20 @@ def test_quest_offloads_once_its_top_pages_cannot_cover_the_offloadable_pages():
     assert quest.offloads(False, 35, 4)  # the whole KV does not fit the budget
 
 
-@pytest.mark.parametrize("policy", ["streaming", "quest", "magicpig"])
+@pytest.mark.parametrize("policy", ["streaming", "quest", "magicpig", "actqkv"])
 def test_sparse_policies_offload_and_stay_in_budget(tiny_model_dir, reference, policy):
     ids, _, _ = reference
     budget = 480 * KV_PER_TOKEN  # two sequences of 534 tokens in all
     llm = _llm(tiny_model_dir, policy, budget, n_sink=4, n_local=16,
-               **{"quest": {"token_budget": 64, "dense_layers": 0}, "magicpig": {"dense_layers": 0}}.get(policy, {}),
+               **{"quest": {"token_budget": 64, "dense_layers": 0}, "magicpig": {"dense_layers": 0},
+                  "actqkv": {"window": 16, "top_blocks": 4, "min_blocks": 2}}.get(policy, {}),
                stream_pages=8)
     (out,) = llm.generate([ids, ids[:200]], GREEDY)[:1]
     s = out.stats
     assert len(out.token_ids) == 12 and s.device_kv_bytes_peak <= budget
     assert s.d2h_bytes > 0 and s.host_kv_bytes > 0
     full_kv = (len(ids) + 12 + 200 + 12) * KV_PER_TOKEN
-    if policy == "quest":
+    if policy in ("quest", "actqkv"):
         assert 0 < s.h2d_bytes
         rep = llm.memory_report()
         assert rep["cache_hits"] + rep["cache_misses"] > 0
@@ -140,6 +141,9 @@ def test_budget_below_the_resident_set_is_a_clear_error(tiny_model_dir):
     ("dense", {"stream_pages": 0}, "stream_pages"),
     ("quest", {"n_sink": -1}, "n_sink"),
     ("dense", {"token_budget": 5}, "token_budget"),
+    ("actqkv", {"dense_layers": 1}, "dense_layers must be 0"),
+    ("actqkv", {"min_blocks": 9, "top_blocks": 8}, "min_blocks 9 exceeds top_blocks 8"),
+    ("actqkv", {"window": 0}, "window must be an integer >= 1"),
 ])
 def test_bad_policy_parameters(name, params, match):
     with pytest.raises(ValueError, match=match):
@@ -147,7 +151,7 @@ def test_bad_policy_parameters(name, params, match):
 
 
 def test_every_policy_is_registered_by_its_name():
-    assert set(POLICIES) == {"dense", "streaming", "quest", "magicpig"}
+    assert set(POLICIES) == {"dense", "streaming", "quest", "magicpig", "actqkv"}
     assert all(cls.name == name for name, cls in POLICIES.items())
 
 
