@@ -1,6 +1,7 @@
 """``hetero bench``: argument parsing and the driver that writes JSON, report and plots.
 
     hetero bench decode|prefill|fidelity|memory|kernels|all [--quick] [--out DIR] [--peers ...]
+    hetero bench longctx [--quick] [--contexts N ...] [--out DIR]   # bench.longctx; not in 'all'
     hetero bench setup [--peers ...] [--force]      # build the peers' venvs
     hetero bench report [--out DIR]                 # report.md + PNGs from DIR/*.json
 """
@@ -100,6 +101,13 @@ def run(args) -> None:
         return
     if args.what == "report":
         print(write_report(out))
+        return
+    if args.what == "longctx":  # hetero alone (no peers); hours on 2 cores, so not in 'all'
+        from bench import longctx
+
+        spec = longctx.QUICK if args.quick else longctx.DEFAULT
+        spec = replace(spec, lengths=tuple(args.contexts)) if args.contexts else spec
+        print(longctx.run(spec, out, progress=not args.no_progress, quick=args.quick))
         return
 
     from bench.fidelity import fidelity

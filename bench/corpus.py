@@ -37,10 +37,12 @@ class NeedleCase:
     question: str = QUESTION
 
 
-def needle_cases(depths: list[float], n_chars: int = 5500, seed: int = 0) -> list[NeedleCase]:
-    """One case per depth, each with its own 5-digit key; ~1.3k tokens at 5500 characters,
-    where the embedded model retrieves the key with full attention."""
-    hay = NEEDLE_HAY.read_text()[:n_chars]
+def needle_cases(depths: list[float], n_chars: int = 5500, seed: int = 0,
+                 hay: str | None = None) -> list[NeedleCase]:
+    """One case per depth, each with its own 5-digit key, hidden in ``hay`` (default: the
+    first ``n_chars`` characters of GPL-3, ~1.3k tokens at 5500, where the embedded model
+    retrieves the key with full attention)."""
+    hay = NEEDLE_HAY.read_text()[:n_chars] if hay is None else hay
     rng = random.Random(seed)
     cases = []
     for depth in depths:

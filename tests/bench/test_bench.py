@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from bench import peers
 from bench.cli import plan_from_args, write_report
 from bench.plan import FULL, QUICK
-from bench.results import SCHEMA, machine, read_doc, summary, validate
+from bench.results import SCHEMA, machine, read_doc, summary, validate, write_doc
 from bench.systems import (HF, LLAMACPP, device_kv_budget, hetero, hetero_sparse, kv_share,
                            kvpress, speed_job)
 from hetero.config import ModelConfig
@@ -358,3 +359,65 @@ def test_offload_prefill_times_every_system_and_offloads_the_over_budget_ones(tm
     assert "× dense in place" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         offload_prefill.main(["--contexts", "512", "1024", "--repeats", "1", "2", "3"])
+
+
+def test_longctx_plan():
+    from bench import longctx
+
+    full, quick = longctx.DEFAULT, longctx.QUICK
+    assert full.lengths == (16384, 32768, 65536, 131072) and full.trials == 1
+    assert [len(full.depths_at(n)) for n in full.lengths] == [5, 5, 3, 3]
+    assert [full.runs("quest", n) for n in full.lengths] == [True, True, False, False]
+    assert not full.runs("dense", 16384) and full.runs("dense", 8192) and full.runs("actqkv", 131072)
+    assert quick.lengths == (4096, 16384) and quick.policies == ("actqkv", "streaming")
+    assert len(quick.depths_at(16384)) == 2
+    assert longctx._lengths("2048,16k") == (2048, 16384)
+    with pytest.raises(ValueError):
+        replace(full, lengths=(32,))
+
+
+def test_longctx_measures_passkey_and_speed_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """The workload's core on the tiny model (trained to 512 positions) at 256 and 1024
+    tokens: one needle row per (system, length, depth), a speed row per (system, length),
+    the dense reference, the labels and both tables; a valid result document."""
+    from bench import longctx
+    from hetero.policies import POLICIES
+
+    policies = ("streaming", "dense") + (("actqkv",) if "actqkv" in POLICIES else ())
+    spec = longctx.Spec(lengths=(256, 1024), policies=policies, depths=(0.5,), dense_max_len=1024,
+                        token_budget=64, dense_layers=1, ref_context=256, n_decode=3)
+    doc = longctx.measure(spec, model=tiny_model_dir)
+    assert read_doc(write_doc(doc, tmp_path))["workload"] == "longctx"
+    rows = doc["rows"]
+    (ref,) = [r for r in rows if r["test"] == "reference"]
+    assert ref["system"] == "hetero-dense" and ref["context"] == 256
+    for policy in policies:
+        for n in spec.lengths:
+            key = (f"hetero-{policy}", n)
+            (speed,) = [r for r in rows if r["test"] == "speed" and (r["system"], r["context"]) == key]
+            (needle,) = [r for r in rows if r["test"] == "needle" and (r["system"], r["context"]) == key]
+            assert "error" not in speed and set(speed["metrics"]) == {
+                "ttft_s", "decode_ms", "h2d_bytes_per_token", "device_kv_bytes", "device_kv_budget"}
+            assert speed["metrics"]["device_kv_bytes"]["max"] <= speed["metrics"]["device_kv_budget"]["min"]
+            assert abs(needle["prompt_tokens"] - n) <= 8 and needle["metrics"]["accuracy"]["n"] == 1
+            beyond = n > 512 and policy != "actqkv"
+            assert speed["labels"] == needle["labels"] == ([longctx.BEYOND] if beyond else [])
+    tables = doc["tables"]
+    assert len(tables["accuracy"]) == len(tables["speed"]) == 2 * len(policies)
+    assert all(a["total"] == 1 and set(a["by_depth"]) == {"0.5"} for a in tables["accuracy"])
+    s = {(t["system"], t["context"]): t for t in tables["speed"]}
+    assert s[("hetero-dense", 256)]["prefill_growth"] == 1 and s[("hetero-dense", 1024)]["tokens_growth"] == 4
+    assert s[("hetero-streaming", 1024)]["decode_vs_dense_ref"] > 0
+    md = longctx.markdown(doc)
+    assert "× dense 256" in md and longctx.BEYOND in md
+
+
+def test_longctx_is_a_bench_command(monkeypatch, tmp_path, capsys):
+    from bench import longctx
+
+    seen = {}
+    monkeypatch.setattr(longctx, "run", lambda spec, out, progress, quick: seen.update(
+        spec=spec, out=out, quick=quick) or out / "longctx.json")
+    assert main(["bench", "longctx", "--quick", "--contexts", "512", "1024", "--out", str(tmp_path)]) == 0
+    assert seen["spec"].lengths == (512, 1024) and seen["spec"].policies == longctx.QUICK.policies
+    assert seen["out"] == tmp_path and seen["quick"]
