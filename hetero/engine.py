@@ -67,6 +67,14 @@ class Engine:
         A sequence that keeps its KV on the device is prefilled chunk by chunk through all
         layers; one that offloads, layer by layer (:meth:`_prefill_layers`).
         """
+        if self.policy.bounded_positions and not score and len(token_ids) > 1:
+            # the token whose logits are sampled selects its memory by its own query, as every
+            # generated token will: a window's probe speaks for the whole window
+            self._prefill_windows(seq_id, token_ids[:-1], False, progress)
+            logits = self.decode([seq_id], token_ids[-1:], hooks=False)[0]
+            if progress is not None:
+                progress(1)
+            return logits
         if self.policy.bounded_positions:
             hidden = self._prefill_windows(seq_id, token_ids, score, progress)
         elif self.store.tables[seq_id].offload:
@@ -192,11 +200,12 @@ class Engine:
         return model.norm(x)
 
     @torch.inference_mode()
-    def decode(self, seq_ids: list[int], token_ids: list[int]) -> Tensor:
+    def decode(self, seq_ids: list[int], token_ids: list[int], hooks: bool = True) -> Tensor:
         """Feed one token per sequence; returns logits [B, vocab] (float32).
 
         The policy plans the step once (every layer's tables, from host-side state), then
-        runs each layer; nothing inside the layer loop reads the device back."""
+        runs each layer; nothing inside the layer loop reads the device back. ``hooks``
+        False: a prompt's last token fed as a step (windowed prefill), unseen by the hooks."""
         t0 = time.perf_counter()
         store = self.store
         positions = [store.tables[s].n_tokens for s in seq_ids]
@@ -210,7 +219,7 @@ class Engine:
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             store.write(slots[layer], k, v)
             out = self.policy.run(layer, q, plan)
-            for hook in self.attention_hooks:
+            for hook in self.attention_hooks if hooks else ():
                 new = hook(layer, q, plan, out)
                 out = out if new is None else new
             return out
@@ -221,7 +230,7 @@ class Engine:
         for s in seq_ids:
             self._evict(s)
         logits = self.model.logits(hidden)
-        for hook in self.step_hooks:
+        for hook in self.step_hooks if hooks else ():
             hook(time.perf_counter() - t0)
         return logits
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -145,8 +146,8 @@ class ActQKVPolicy(Policy):
     n_sink: int = 64
     n_local: int = 512
     window: int = 256
-    top_blocks: int = 32
-    min_blocks: int = 8
+    top_blocks: int = 128
+    min_blocks: int = 32
     n_repr: int = 4
     _store: KVStore | None = field(default=None, init=False, repr=False)
     _rope: Rope | None = field(default=None, init=False, repr=False)
@@ -336,28 +337,38 @@ class ActQKVPolicy(Policy):
     # -- decode ------------------------------------------------------------------------
 
     def plan(self, step: DecodeStep) -> _ActPlan:
-        """Per sequence and layer: the pool slots of the local tokens, then of the memory
-        (sinks and head cache); per sequence the local tokens' places in the score ring. All
-        from host-side state, one upload. Clears the new tokens' local scores."""
+        """Per sequence and layer: the pool slots of the local tokens and sinks, and the head
+        cache (a run of pool slots read as a view, or slots to gather); per sequence the
+        local tokens' places in the score ring. All from host-side state, one upload. Clears
+        the new tokens' local scores."""
         store, ps, n_layers = step.store, step.store.page_size, step.store.cfg.n_layers
-        rows, rings, work = [], [], [[] for _ in range(n_layers)]
+        offsets = np.arange(ps)
+        rows, work = [], [[] for _ in range(n_layers)]
         for b, (s, t) in enumerate(zip(step.seq_ids, step.tables)):
             run, state = t.offloaded, self._state(store, s)
             base = run.stop * ps if run else 0
             n, ring = t.n_tokens - base, state.scores.shape[-1]
             kk = min(self.top_blocks, len(run))
             for layer in range(n_layers):
-                pages = t.layers[layer][base // ps : -(-t.n_tokens // ps)]
+                pages = t.layers[layer]
+                local = (np.array(pages[base // ps : -(-t.n_tokens // ps)])[:, None] * ps + offsets).ravel()[:n]
+                sinks = cache = np.zeros(0, dtype=np.int64)
+                span = None
                 if run:
-                    pages = pages + t.layers[layer][: run.start] + self.head_slots(store, s, layer, kk).pages
-                slots = [p * ps + j for p in pages for j in range(ps)]
-                work[layer].append(_Seq(b, s, run, len(rows), n, len(slots) - -(-n // ps) * ps))
-                rows.append(slots[:n] + slots[-(-n // ps) * ps :])
-            rings.append([(base + j) % ring for j in range(n)])
+                    sinks = (np.array(pages[: run.start])[:, None] * ps + offsets).ravel()
+                    held = self.head_slots(store, s, layer, kk).pages
+                    if held[-1] - held[0] == kk - 1:  # one run: read as a view
+                        span = (held[0] * ps, (held[-1] + 1) * ps)
+                    else:
+                        cache = (np.array(held)[:, None] * ps + offsets).ravel()
+                work[layer].append(_Seq(b, s, run, len(rows), n, len(sinks), len(cache), span))
+                rows.append(np.concatenate([local, sinks, cache]))
             state.scores[:, :, (t.n_tokens - 1) % ring] = 0
-        width = max(len(r) for r in rows + rings)
-        index = store.device.tensor([r + [0] * (width - len(r)) for r in rows + rings], torch.int64)
-        return _ActPlan(step, [], work, index)
+            rows.append((base + np.arange(n)) % ring)  # row len(rows) - B + b: the ring places
+        index = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
+        for i, r in enumerate(rows):
+            index[i, : len(r)] = r
+        return _ActPlan(step, [], work, store.device.tensor(torch.from_numpy(index), torch.int64))
 
     def run(self, layer: int, q: Tensor, plan: _ActPlan) -> Tensor:
         outs = [self._decode(layer, q[w.b], plan, w) for w in plan.work[layer]]
@@ -366,30 +377,35 @@ class ActQKVPolicy(Policy):
     def _decode(self, layer: int, q: Tensor, plan: _ActPlan, w: _Seq) -> Tensor:
         """Attention output [Hq, D] of one sequence's query ``q`` [Hq, D] (before the rotary
         embedding): one softmax over the local window at true relative positions and the
-        memory at the fixed distance, with the blocks past each head's cut-off masked."""
+        memory (sinks, head cache) at the fixed distance, the blocks past each head's
+        cut-off masked."""
         store, ps = plan.step.store, plan.step.store.page_size
         hq, d = q.shape
         hkv = store.cfg.n_kv_heads
         qg = q.view(hkv, -1, d) * plan.step.scale
-        if w.run:  # select and fetch the blocks first: the gather below reads the head cache
+        if w.run:  # select and fetch the blocks first: the reads below see the head cache
             cos, sin = self._memory_rotation(q.dtype, q.device)
             qm = apply_rope(qg, cos[0], sin[0])
             dropped = self._select(store, w, layer, qm.sum(1))
-        kv = store.kv.index_select(2, plan.index[w.row, : w.n_local + w.n_memory])  # [2, Hkv, n, D]
+        n_local, n_near = w.n_local, w.n_local + w.n_sink
+        kv = store.kv.index_select(2, plan.index[w.row, : n_near + w.n_cache])  # [2, Hkv, n, D]
         keys, values = kv[0], kv[1]
-        local = keys[:, : w.n_local]
-        ring = plan.index[len(plan.index) - len(plan.step.seq_ids) + w.b, : w.n_local]
+        local = keys[:, :n_local]
+        ring = plan.index[len(plan.index) - len(plan.step.seq_ids) + w.b, :n_local]
         self._seqs[w.seq_id].scores[layer].index_add_(1, ring, (local @ qg.sum(1)[..., None])[..., 0].float())
-        cos, sin = self._rope_at(w.n_local, q.dtype, q.device)
+        cos, sin = self._rope_at(n_local, q.dtype, q.device)
         local = apply_rope(local.transpose(0, 1), cos, sin).transpose(0, 1)
-        logits = apply_rope(qg, cos[-1], sin[-1]) @ local.transpose(1, 2)  # [Hkv, G, n_local]
-        if w.run:
-            memory = qm @ keys[:, w.n_local :].transpose(1, 2)  # [Hkv, G, n_memory]: sinks, then blocks
-            blocks = memory.view(hkv, qg.shape[1], -1, ps)[:, :, w.run.start :]
-            blocks.masked_fill_(dropped[:, None, :, None], float("-inf"))
-            logits = torch.cat([logits, memory], dim=-1)
-        p = torch.softmax(logits.float(), dim=-1)
-        return (p.to(values.dtype) @ values).view(hq, d)
+        logits = [apply_rope(qg, cos[-1], sin[-1]) @ local.transpose(1, 2)]  # [Hkv, G, n_local]
+        if not w.run:
+            p = torch.softmax(logits[0].float(), dim=-1)
+            return (p.to(values.dtype) @ values).view(hq, d)
+        cache = store.kv[:, :, w.span[0] : w.span[1]] if w.span else kv[:, :, n_near:]
+        blocks = qm @ cache[0].transpose(1, 2)  # [Hkv, G, slots * ps]
+        blocks.view(hkv, qg.shape[1], -1, ps).masked_fill_(dropped[:, None, :, None], float("-inf"))
+        logits += [qm @ keys[:, n_local:n_near].transpose(1, 2), blocks]
+        p = torch.softmax(torch.cat(logits, dim=-1).float(), dim=-1).to(values.dtype)
+        out = p[..., :n_near] @ values[:, :n_near] + p[..., n_near:] @ cache[1]
+        return out.view(hq, d)
 
     def _select(self, store: KVStore, w: _Seq, layer: int, probe: Tensor) -> Tensor:
         """Rank the offloaded blocks by ``probe`` [Hkv, D] (the query at the memory distance),
@@ -407,15 +423,17 @@ class ActQKVPolicy(Policy):
 @dataclass(slots=True)
 class _Seq:
     """One sequence's share of a decode step's layer: batch row ``b``, its offloaded run, and
-    its row of the plan's index: ``n_local`` slots of the local window, then ``n_memory`` of
-    the sinks and head cache."""
+    its row of the plan's index: ``n_local`` slots of the local window, ``n_sink`` of the
+    sinks, then ``n_cache`` of the head cache, unless it is the run ``span``."""
 
     b: int
     seq_id: int
     run: range
     row: int
     n_local: int
-    n_memory: int
+    n_sink: int
+    n_cache: int  # head-cache slots to gather (0: read the run ``span`` of pool slots)
+    span: tuple[int, int] | None
 
 
 @dataclass(slots=True)

@@ -367,7 +367,7 @@ def test_longctx_plan():
     full, quick = longctx.DEFAULT, longctx.QUICK
     assert full.lengths == (16384, 32768, 65536, 131072) and full.trials == 1
     assert [len(full.depths_at(n)) for n in full.lengths] == [5, 5, 3, 3]
-    assert [full.runs("quest", n) for n in full.lengths] == [True, True, False, False]
+    assert [full.runs("quest", n) for n in full.lengths] == [True, False, False, False]
     assert not full.runs("dense", 16384) and full.runs("dense", 8192) and full.runs("actqkv", 131072)
     assert quick.lengths == (4096, 16384) and quick.policies == ("actqkv", "streaming")
     assert len(quick.depths_at(16384)) == 2
@@ -399,7 +399,7 @@ def test_longctx_measures_passkey_and_speed_on_the_tiny_model(tiny_model_dir, tm
             assert "error" not in speed and set(speed["metrics"]) == {
                 "ttft_s", "decode_ms", "h2d_bytes_per_token", "device_kv_bytes", "device_kv_budget"}
             assert speed["metrics"]["device_kv_bytes"]["max"] <= speed["metrics"]["device_kv_budget"]["min"]
-            assert abs(needle["prompt_tokens"] - n) <= 8 and needle["metrics"]["accuracy"]["n"] == 1
+            assert abs(needle["prompt_tokens"] - n) <= 24 and needle["metrics"]["accuracy"]["n"] == 1
             beyond = n > 512 and policy != "actqkv"
             assert speed["labels"] == needle["labels"] == ([longctx.BEYOND] if beyond else [])
     tables = doc["tables"]
