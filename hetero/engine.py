@@ -65,7 +65,9 @@ class Engine:
         more of the prompt's tokens are done (by every layer).
 
         A sequence that keeps its KV on the device is prefilled chunk by chunk through all
-        layers; one that offloads, layer by layer (:meth:`_prefill_layers`).
+        layers; one that offloads, layer by layer (:meth:`_prefill_layers`); under a policy
+        with bounded positions, window by window (:meth:`_prefill_windows`), its last token
+        then fed as a decode step.
         """
         if self.policy.bounded_positions and not score and len(token_ids) > 1:
             # the token whose logits are sampled selects its memory by its own query, as every

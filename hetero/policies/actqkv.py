@@ -21,28 +21,31 @@ compared with the running mean ``μ`` and variance ``σ²`` of every query seen 
 mean(σ²)/100)``, and the probe is ``Σ_t w_t h_t``. Tokens whose queries stand out from the
 context steer the retrieval. (The code keeps uniform weights for a warm-up of windows and
 statistics shared by all layers; here every layer and KV head has its own, exact, running
-statistics from the first window.)
+statistics from the first window that has a memory.)
 
 **Decode**: the new query is the probe; ActQKV's dynamic cut-off keeps, per KV head,
 ``K = K_min + (K_max − K_min)·exp(10·(2·sigmoid(10·(H − log n)) − 1))`` of the ``top_blocks``
 best blocks (rounded), ``H`` the entropy of the softmax of the ``n`` block scores,
 ``K_min = min(n, min_blocks)``: flat scores keep more blocks, peaked ones fewer
-(:func:`dynamic_blocks`).
+(:func:`dynamic_blocks`; the formula of ActQKV's code, whose active version uses a minimum
+of 32). The head cache holds all ``top_blocks``; the cut-off masks the rest on the device.
+The prompt's last token is fed as a decode step (the engine's windowed prefill), so the
+token whose logits are sampled picks its memory by its own query.
 
 **Bounded positions** (InfLLM): keys are stored before the rotary embedding. The local part
 attends with true relative positions; the sinks and blocks sit at position 0 and every query
 at ``n_local``: one distance, as if just beyond the local window. Every relative position
-stays below ``n_local + window + page_size``, inside the trained range. The two parts are
-``(out, lse)`` partials merged by LSE. Until the first page leaves the window nothing is in
-memory and attention is exact.
+stays below ``n_local + window + page_size``, inside the trained range. The parts are
+``(out, lse)`` partials merged by LSE at prefill, one softmax at decode. Until the first page
+leaves the window nothing is in memory and attention is exact.
 
 Defaults for the embedded SmolLM2-135M (8k positions, 3 KV heads of 64): ActQKV's Llama-3-8B
 setting is 32-token blocks, 4 representative keys, 64 sink + 512 local tokens, the top 46
-blocks, 256-token windows (2,048 tokens attended). Blocks here are the store's pages (16
-tokens unless ``page_size`` says otherwise: a finer choice for a model with 3 KV heads
-whose representatives cost 1/16 of the keys); the top 32 blocks, 64 sinks and 512 local
-tokens keep each query at about 1.1k keys of memory and window, half of ActQKV's, which
-keeps a 128k prefill on 2 CPU cores near its linear layers' cost.
+blocks, 256-token windows: about 2k tokens attended. Blocks here are the store's pages (16
+tokens unless ``page_size`` says otherwise: one representative per 16 keys, and a finer
+selection); the top 128 blocks (2,048 tokens), 64 sinks, 512 local tokens and 256-token
+windows give ActQKV's 2k of memory per query. Fewer lost the passkey: at 8k tokens of the
+passkey task, 32 blocks found 0 of 3 keys that 128 (and all blocks) found.
 """
 
 from __future__ import annotations
@@ -88,35 +91,35 @@ def probe_query(q: Tensor, mean: Tensor | None, var: Tensor | None, count: int) 
 def dynamic_blocks(scores: Tensor, min_blocks: int, top_blocks: int) -> Tensor:
     """ActQKV's dynamic cut-off: blocks to keep per row of ``scores`` [Hkv, n] (int64 [Hkv],
     on the scores' device: never read back), between ``min(n, min_blocks)`` and
-    ``min(n, top_blocks)``."""
+    ``min(n, top_blocks)`` (a minimum above the maximum keeps the maximum)."""
     n = scores.shape[-1]
-    k_min, k_max = min(n, min_blocks), min(n, top_blocks)
+    k_min, k_max = min(n, min_blocks, top_blocks), min(n, top_blocks)
     p = torch.softmax(scores.float(), dim=-1)
     h = -(p * torch.log(p + 1e-10)).sum(-1)
     frac = torch.exp(10 * (2 * torch.sigmoid(10 * (h - math.log(n))) - 1))
     return (k_min + (k_max - k_min) * frac).round().long().clamp_(k_min, k_max)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False,
-              keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False) -> tuple[Tensor, Tensor]:
     """``(out [C, Hq, D], lse [C, Hq] float32)`` of queries ``q`` [C, Hq, D] over keys and
-    values ``k``, ``v`` [Hkv, N, D] (query head ``h`` reads KV head ``h // G``). ``causal``
-    (C == N): query ``i`` sees keys ``0..i``. ``keep`` [Hkv, N] bool: the keys each KV head
-    may see. CPU without ``keep``: torch's fused flash op; else plain tensor ops (short key
-    lists: the local window, a few dozen blocks)."""
-    if not q.is_cuda and keep is None:
-        out, lse = _flash_cpu(q.transpose(0, 1)[None], k[None], v[None], 0.0, causal, scale=scale)[:2]
-        return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+    values ``k``, ``v`` [Hkv, N, D] (query head ``h`` reads KV head ``h // G``); ``causal``
+    (C == N): query ``i`` sees keys ``0..i``. The CPU runs torch's fused flash op; other
+    devices :func:`attention_math` (a window's local part: a few hundred keys)."""
+    if q.is_cuda:
+        return attention_math(q, k, v, scale, causal)
+    out, lse = _flash_cpu(q.transpose(0, 1)[None], k[None], v[None], 0.0, causal, scale=scale)[:2]
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+
+
+def attention_math(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`attention` in plain tensor ops (float32 logits)."""
     c, hq, d = q.shape
     hkv, n = k.shape[:2]
     logits = torch.einsum("chgd,hnd->hgcn", q.view(c, hkv, hq // hkv, d).float(), k.float()) * scale
     if causal:
         logits.masked_fill_(torch.ones(c, n, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
-    if keep is not None:
-        logits.masked_fill_(~keep[:, None, None, :], float("-inf"))
     lse = logits.logsumexp(-1)  # [Hkv, G, C]
-    p = (logits - lse[..., None]).exp_().nan_to_num_(0.0)  # a head that sees nothing: 0
-    out = torch.einsum("hgcn,hnd->chgd", p, v.float()).reshape(c, hq, d)
+    out = torch.einsum("hgcn,hnd->chgd", (logits - lse[..., None]).exp_(), v.float()).reshape(c, hq, d)
     return out.to(q.dtype), lse.permute(2, 0, 1).reshape(c, hq)
 
 
@@ -162,8 +165,6 @@ class ActQKVPolicy(Policy):
         if self.dense_layers:
             raise ValueError("actqkv: dense_layers must be 0 (every layer reads the block memory at "
                              "bounded positions)")
-        if self.min_blocks > self.top_blocks:
-            raise ValueError(f"actqkv: min_blocks {self.min_blocks} exceeds top_blocks {self.top_blocks}")
 
     # -- tiering -------------------------------------------------------------------------
 
@@ -343,7 +344,7 @@ class ActQKVPolicy(Policy):
         the new tokens' local scores."""
         store, ps, n_layers = step.store, step.store.page_size, step.store.cfg.n_layers
         offsets = np.arange(ps)
-        rows, work = [], [[] for _ in range(n_layers)]
+        rows, rings, work = [], [], [[] for _ in range(n_layers)]
         for b, (s, t) in enumerate(zip(step.seq_ids, step.tables)):
             run, state = t.offloaded, self._state(store, s)
             base = run.stop * ps if run else 0
@@ -364,7 +365,8 @@ class ActQKVPolicy(Policy):
                 work[layer].append(_Seq(b, s, run, len(rows), n, len(sinks), len(cache), span))
                 rows.append(np.concatenate([local, sinks, cache]))
             state.scores[:, :, (t.n_tokens - 1) % ring] = 0
-            rows.append((base + np.arange(n)) % ring)  # row len(rows) - B + b: the ring places
+            rings.append((base + np.arange(n)) % ring)
+        rows += rings  # row len(rows) - B + b: sequence b's ring places
         index = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
         for i, r in enumerate(rows):
             index[i, : len(r)] = r

@@ -170,3 +170,22 @@ def test_quest_head_cache_right_after_an_offload_reads_what_landed(busy):
         assert sorted(held[h].tolist()) == sorted(picks[h].tolist())
         assert torch.equal(got[h], ref[h, held[h]])
     assert store.misses.value == 12 * cfg.n_kv_heads and store.hits.value == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_actqkv_on_the_device_equals_the_cpu(tiny_model_dir, dtype):
+    """actqkv's windowed prefill and decode (the head cache's Triton gather, the prefill
+    kernel over the memory, the local part in tensor ops) against its CPU path, past the
+    tiny model's 512 trained positions; within the budget in bf16 too."""
+    params = {"n_sink": 16, "n_local": 64, "window": 32, "top_blocks": 8, "min_blocks": 4}
+    ids = (LLM(tiny_model_dir, device="cpu", device_kv_budget="1MiB").tokenizer(TEXT)["input_ids"] * 2)[:900]
+    lps = [LLM(tiny_model_dir, device=d, dtype=dtype, page_size=16, policy="actqkv", policy_params=params,
+               device_kv_budget="4MiB").logprobs(ids).logprobs for d in ("cpu", DEVICE)]
+    diff = (torch.tensor(lps[1]) - torch.tensor(lps[0])).abs()
+    assert diff.max() < 1e-3 if dtype == "float32" else diff.mean() < 0.1
+    llm = LLM(tiny_model_dir, dtype=dtype, policy="actqkv", policy_params=params, device_kv_budget="4MiB",
+              device=DEVICE, page_size=16)
+    (out,) = llm.generate(ids, GREEDY)
+    s = out.stats
+    assert len(out.token_ids) == 16 and s.h2d_bytes > 0 and s.device_kv_bytes_peak <= s.device_kv_budget
+    assert llm.store.allocator.n_used == 0

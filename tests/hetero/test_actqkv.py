@@ -9,7 +9,7 @@ import torch
 
 from hetero import LLM, SamplingParams
 from hetero.model import apply_rope
-from hetero.policies.actqkv import dynamic_blocks, probe_query
+from hetero.policies.actqkv import attention, attention_math, dynamic_blocks, probe_query
 
 TEXT = open("/usr/share/common-licenses/GPL-3").read()
 PARAMS = dict(n_sink=8, n_local=32, window=16, top_blocks=4, min_blocks=2, n_repr=2)
@@ -74,6 +74,7 @@ def test_dynamic_cutoff_matches_actqkvs_rule(sharpness):
     got = dynamic_blocks(torch.from_numpy(scores).float(), 6, 32)
     assert got.tolist() == _np_cutoff(scores, 6, 32)
     assert dynamic_blocks(torch.zeros(2, 3), 6, 32).tolist() == [3, 3]  # fewer blocks than the minimum
+    assert dynamic_blocks(torch.zeros(1, 50), 32, 8).tolist() == [8]  # a minimum above the maximum
 
 
 def test_flat_scores_keep_more_blocks_than_peaked_ones():
@@ -83,6 +84,15 @@ def test_flat_scores_keep_more_blocks_than_peaked_ones():
 
 
 # -- attention, against a direct oracle ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_device_path_of_window_attention_equals_the_cpu_one(causal):
+    """``attention_math`` (what a GPU runs for the local part) against torch's CPU flash op."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(24, 6, 16), torch.randn(2, 24, 16), torch.randn(2, 24, 16)
+    for a, b in zip(attention(q, k, v, 0.25, causal), attention_math(q, k, v, 0.25, causal)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def _oracle_logits(llm, ids, schedule):
@@ -179,3 +189,12 @@ def test_a_prompt_past_the_trained_context_runs_with_actqkv_only(tiny_model_dir)
 def test_window_must_hold_whole_pages(tiny_model_dir):
     with pytest.raises(ValueError, match="window .* must be multiples of page_size"):
         _llm(tiny_model_dir, window=6)
+
+
+def test_a_batch_decodes_as_each_sequence_alone(tiny_model_dir):
+    llm = _llm(tiny_model_dir)
+    ids = llm.tokenizer(TEXT)["input_ids"]
+    prompts = [ids[:300], ids[400:620]]
+    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    batch = [o.token_ids for o in llm.generate(prompts, greedy)]
+    assert batch == [llm.generate(p, greedy)[0].token_ids for p in prompts]

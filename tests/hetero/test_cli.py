@@ -84,6 +84,19 @@ def test_magicpig_flags_reach_the_policy(tiny_model_dir, capsys):
     assert "lsh_l" in capsys.readouterr().err
 
 
+def test_actqkv_reads_a_prompt_past_the_trained_context_from_the_cli(tiny_model_dir, capsys):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 70  # ~700 tokens; trained: 512
+    args = ["generate", "--model", tiny_model_dir, "--prompt", prompt, "--page-size", "8",
+            "--max-new-tokens", "3", "--json"]
+    assert main([*args, "--policy", "quest"]) == 2
+    assert "use policy='actqkv'" in capsys.readouterr().err
+    assert main([*args, "--policy", "actqkv", "--policy-param", "window=32", "--policy-param", "n_local=64",
+                 "--policy-param", "top_blocks=8", "--n-sink", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 3 and out["stats"]["prompt_tokens"] > 512
+    assert out["stats"]["policy"]["state_bytes"] > 0 and out["stats"]["h2d_bytes"] > 0
+
+
 def test_missing_model_path(capsys):
     assert main(["generate", "--model", "/no/such/model", "--prompt", "x"]) == 2
     assert "no such file or directory" in capsys.readouterr().err

@@ -44,10 +44,10 @@ class HostReads:
             monkeypatch.setattr(torch.Tensor, name, spy)
         decode = llm.engine.decode
 
-        def decoding(*args):
+        def decoding(*args, **kwargs):
             self._decoding = True
             try:
-                return decode(*args)
+                return decode(*args, **kwargs)
             finally:
                 self._decoding = False
 
