@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated (default actqkv,quest,streaming,dense)")
     ap.add_argument("--depths", type=_floats, default=None, help="e.g. 0.1,0.5,0.9 at every length")
     ap.add_argument("--trials", type=int, default=None, help="trials per (length, depth); default 1")
+    ap.add_argument("--token-budget", type=int, default=None,
+                    help="quest's tokens per decode step (default 1024; actqkv reads ~2.6k)")
     ap.add_argument("--dense-max-len", type=int, default=None,
                     help="longest length dense runs at (default 8192: off beyond the trained context)")
     ap.add_argument("--actqkv-param", action="append", default=[], metavar="NAME=VALUE",
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [p.split("=", 1) for p in args.actqkv_param]
         actqkv = parse_policy_params("actqkv", pairs) if pairs else {}
         overrides = {"lengths": args.lengths, "policies": args.policies, "depths": args.depths,
-                     "trials": args.trials, "dense_max_len": args.dense_max_len}
+                     "trials": args.trials, "dense_max_len": args.dense_max_len,
+                     "token_budget": args.token_budget}
         spec = replace(spec, actqkv_params=actqkv, device=args.device,
                        **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as e:
