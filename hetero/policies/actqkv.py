@@ -61,7 +61,7 @@ from gpu_kernels import merge_partials, prior_attention
 from hetero.cache import KVStore
 from hetero.config import ModelConfig
 from hetero.model import Rope, apply_rope
-from hetero.policies.base import DecodeStep, Policy, StepPlan
+from hetero.policies.base import DecodeStep, PagedState, Policy, StepPlan
 from hetero.policies.quest import HeadSlots, fetch_head_pages
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -143,7 +143,7 @@ class _SeqState:
 
 
 @dataclass(slots=True)
-class ActQKVPolicy(Policy):
+class ActQKVPolicy(PagedState, Policy):
     name = "actqkv"
     bounded_positions = True
     n_sink: int = 64
@@ -197,17 +197,6 @@ class ActQKVPolicy(Policy):
             state = self._seqs[seq_id] = _SeqState([[] for _ in range(n)], [None] * n, [None] * n,
                                                    [None] * n, [0] * n, scores)
         return state
-
-    def on_release(self, seq_id: int) -> None:
-        state = self._seqs.pop(seq_id, None)
-        if state is not None:
-            self._store.free(state.pages())
-
-    def stats(self, seq_id: int | None = None) -> dict:
-        """Device bytes of the representatives and head caches (of one sequence, or all)."""
-        states = list(self._seqs.values()) if seq_id is None else [self._seqs.get(seq_id)]
-        n_pages = sum(len(s.pages()) for s in states if s is not None)
-        return {"state_bytes": n_pages * (self._store.page_bytes if self._store else 0)}
 
     def _rep_pages(self, store: KVStore, seq_id: int, layer: int) -> list[int]:
         reps = self._state(store, seq_id).reps[layer]

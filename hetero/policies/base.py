@@ -289,3 +289,22 @@ class Policy(ABC):
             pages = pages[: run.start] + pages[run.stop :]
         return pages
 
+
+class PagedState:
+    """Mixin of a policy that keeps per-sequence state in store pages: ``_seqs`` maps a
+    sequence to a state whose ``pages()`` lists them, ``_store`` is the store. Frees them on
+    release and reports their bytes."""
+
+    __slots__ = ()
+
+    def on_release(self, seq_id: int) -> None:
+        state = self._seqs.pop(seq_id, None)
+        if state is not None:
+            self._store.free(state.pages())
+
+    def stats(self, seq_id: int | None = None) -> dict:
+        """Device bytes of the state the policy keeps (of one sequence, or all)."""
+        states = list(self._seqs.values()) if seq_id is None else [self._seqs.get(seq_id)]
+        n_pages = sum(len(s.pages()) for s in states if s is not None)
+        return {"state_bytes": n_pages * (self._store.page_bytes if self._store else 0)}
+

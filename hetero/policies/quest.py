@@ -18,7 +18,7 @@ from cpu_kernels.head_cache import update_head_cache
 from gpu_kernels import gather_head_pages, paged_decode_attention, quest_page_scores
 from hetero.cache import KVStore
 from hetero.config import ModelConfig
-from hetero.policies.base import DecodeStep, Policy, StepPlan
+from hetero.policies.base import DecodeStep, PagedState, Policy, StepPlan
 
 HEAD_CACHE_SPARE = 2
 """Pages a layer's head cache holds beyond its first selection and resident copies: the
@@ -52,7 +52,7 @@ class _SeqState:
 
 
 @dataclass(slots=True)
-class QuestPolicy(Policy):
+class QuestPolicy(PagedState, Policy):
     name = "quest"
     n_local: int = 64
     dense_layers: int = 2
@@ -105,17 +105,6 @@ class QuestPolicy(Policy):
         slots = store.device.tensor([bounds[i // ps] * ps + i % ps for i in page_idx], torch.int64)
         store.k.index_copy_(1, slots, k.amin(dim=2))
         store.v.index_copy_(1, slots, k.amax(dim=2))
-
-    def on_release(self, seq_id: int) -> None:
-        state = self._seqs.pop(seq_id, None)
-        if state is not None:
-            self._store.free(state.pages())
-
-    def stats(self, seq_id: int | None = None) -> dict:
-        """Device bytes of the key bounds and head caches (of one sequence, or all)."""
-        states = list(self._seqs.values()) if seq_id is None else [self._seqs.get(seq_id)]
-        n_pages = sum(len(s.pages()) for s in states if s is not None)
-        return {"state_bytes": n_pages * (self._store.page_bytes if self._store else 0)}
 
     def export_state(self, seq_id: int) -> dict[str, Tensor]:
         """The key bounds of every layer that has offloaded pages, as ``bounds.<layer>``
