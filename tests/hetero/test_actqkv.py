@@ -9,7 +9,11 @@ import torch
 
 from hetero import LLM, SamplingParams
 from hetero.model import apply_rope
-from hetero.policies.actqkv import attention, attention_math, dynamic_blocks, probe_query
+from hetero.cache import KVStore
+from hetero.config import ModelConfig
+from hetero.device import Device
+from hetero.policies import actqkv
+from hetero.policies.actqkv import ActQKVPolicy, attention, attention_math, dynamic_blocks, probe_query
 
 TEXT = open("/usr/share/common-licenses/GPL-3").read()
 PARAMS = dict(n_sink=8, n_local=32, window=16, top_blocks=4, min_blocks=2, n_repr=2)
@@ -83,6 +87,80 @@ def test_flat_scores_keep_more_blocks_than_peaked_ones():
     assert dynamic_blocks(flat, 6, 32).item() == 32 and dynamic_blocks(peaked, 6, 32).item() == 6
 
 
+# -- the key bounds -------------------------------------------------------------------------------
+
+CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, n_layers=1, n_heads=4,
+                  n_kv_heads=2, head_dim=8)
+PS, N = 4, 128  # 32 pages: sink page 0, pages 1..29 offloaded, window pages 30 and 31
+
+
+def _offloaded(k, scores, batches):
+    """A store holding keys ``k`` [N, Hkv, D] of sequence 0 whose pages 1..29 left the window
+    in ``batches`` (the policy writing representatives and bounds as they go), the local
+    scores being ``scores`` [Hkv, N] (in the policy's ring: a batch must fit it); and the
+    policy."""
+    store = KVStore(CFG, Device(torch.device("cpu")), torch.float32, PS, 256 * 2 * 2 * PS * 8 * 4)
+    policy = ActQKVPolicy(n_sink=4, n_local=8, window=4, top_blocks=6, min_blocks=6, n_repr=2,
+                          bound_group=4, bound_top=1)
+    policy.bind(None, store)
+    table = store.admit(0, N, offload=True)
+    store.reserve(0, N)
+    store.write(store.slots(0, 0, N)[0], k, torch.zeros_like(k))
+    table.n_tokens, table.settled, table.sink_pages = N, 30, 1
+    state = policy._state(store, 0)
+    for pages in batches:
+        ring = state.scores.shape[-1]
+        for p in pages:
+            t = torch.arange(p * PS, (p + 1) * PS)
+            state.scores[0][:, t % ring] = scores[:, t]
+        policy.on_offload(store, 0, 0, pages, store.offload(0, 0, pages))
+    return store, policy
+
+
+def test_key_bounds_cover_each_group_of_offloaded_blocks():
+    """Bounds widen page by page across offload batches; the forced blocks are those of each
+    head's group with the highest bound, over the offloaded pages only (group 0 holds the
+    sink page)."""
+    torch.manual_seed(0)
+    k = torch.randn(N, 2, 8)
+    store, policy = _offloaded(k, torch.zeros(2, N), [list(range(1, 11)), list(range(11, 30))])
+    run = store.tables[0].offloaded
+    assert run == range(1, 30)
+    for _ in range(5):
+        probe = torch.randn(2, 8)
+        forced = policy.forced(store, 0, 0, probe, run)
+        for h in range(2):
+            bounds = []
+            for g in range(8):
+                pages = [p for p in range(4 * g, 4 * g + 4) if p in run]
+                keys = k[pages[0] * PS : (pages[-1] + 1) * PS, h]
+                bounds.append(torch.maximum(probe[h] * keys.amax(0), probe[h] * keys.amin(0)).sum())
+            best = int(torch.stack(bounds).argmax())
+            want = {p - run.start for p in range(4 * best, 4 * best + 4) if p in run}
+            assert set(forced[h].tolist()) == want
+
+
+def test_the_bound_keeps_a_block_whose_representative_misses_its_outlier_key():
+    """InfLLM's representative averages the keys the local queries scored highest; a key
+    they ignored (the passkey's digits, to the filler after them) is lost from it. The key
+    bound over the block's group still ranks it first."""
+    torch.manual_seed(1)
+    k = torch.randn(N, 2, 8) * 0.1
+    probe = torch.zeros(2, 8)
+    probe[:, 0] = 1.0
+    k[17 * PS : 18 * PS, :, 0] = -0.5  # page 17 (group 4) points away from the probe
+    k[17 * PS + 3, :, 0] = 5.0  # but for its outlier
+    scores = torch.ones(2, N)
+    scores[:, 17 * PS + 3] = -1.0  # the local queries ignored it
+    store, policy = _offloaded(k, scores, [[p] for p in range(1, 30)])  # as they leave the window
+    run = store.tables[0].offloaded
+    plain, rank = policy.ranked(store, 0, 0, probe, run)
+    assert (plain[:, 17 - run.start, None] < plain.topk(6, dim=1).values[:, -1:]).all()  # not among the top 6
+    assert (rank.topk(6, dim=1).indices == 17 - run.start).any(1).all()
+    policy.bound_top = 0
+    assert torch.equal(policy.ranked(store, 0, 0, probe, run)[1], plain)
+
+
 # -- attention, against a direct oracle ---------------------------------------------------------
 
 
@@ -133,9 +211,12 @@ def _oracle_logits(llm, ids, schedule):
     return model.logits(torch.cat(hidden))
 
 
-def test_bounded_positions_with_every_block_selected_equal_the_oracle(tiny_model_dir):
+@pytest.mark.parametrize("kernel", [True, False], ids=["numba", "tensor-ops"])
+def test_bounded_positions_with_every_block_selected_equal_the_oracle(tiny_model_dir, monkeypatch, kernel):
     """Top blocks and cut-off cover every offloaded page: prefill (window by window) and
-    decode (token by token) equal InfLLM's rule computed directly."""
+    decode (token by token) equal InfLLM's rule computed directly, through the CPU's numba
+    decode kernel and through the tensor ops a GPU runs."""
+    monkeypatch.setattr(actqkv, "_kernel_runs", lambda pool: kernel)
     llm = _llm(tiny_model_dir, top_blocks=64, min_blocks=64)
     ids = llm.tokenizer(TEXT)["input_ids"][:200]
     context, cont = ids[:150], ids[150:]
@@ -158,6 +239,18 @@ def test_nothing_past_the_local_window_is_exact(tiny_model_dir):
     np.testing.assert_allclose(act.logprobs(ids[:36]).logprobs, dense.logprobs(ids[:36]).logprobs, atol=1e-4)
     np.testing.assert_allclose(act.decode_logprobs(ids[:30], ids[30:36]),
                                dense.decode_logprobs(ids[:30], ids[30:36]), atol=1e-4)
+
+
+def test_the_decode_kernel_equals_the_tensor_ops_with_a_sparse_selection(tiny_model_dir, monkeypatch):
+    """4 of ~40 blocks per head, the cut-off keeping 2 to 4: the numba kernel counts the same
+    head-cache pages as the tensor ops' mask, and leaves the same local scores."""
+    ids = _llm(tiny_model_dir).tokenizer(TEXT)["input_ids"]
+    runs = []
+    for kernel in (True, False):
+        monkeypatch.setattr(actqkv, "_kernel_runs", lambda pool: kernel)
+        llm = _llm(tiny_model_dir)
+        runs.append(np.array(llm.decode_logprobs(ids[:150], ids[150:190])))
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-4)
 
 
 def test_a_sparse_selection_stays_close_to_the_oracle(tiny_model_dir):
