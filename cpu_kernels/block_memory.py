@@ -154,3 +154,81 @@ def decode_attention(q: np.ndarray, pool: np.ndarray, slots: np.ndarray, n_local
     ``n_local`` >= 1 (the query's own key is local)."""
     return _attend(q, pool, slots, n_local, n_sink, span, held, ranked, keep, page_size, cos, sin, mem_pos,
                    np.float32(scale), scores, ring)
+
+
+@numba.njit(nogil=True, parallel=True, fastmath={"reassoc", "contract"}, cache=True)
+def _score(codes_k, codes_v, reps, per, start, stop, pool_k, pool_v, bounds, page_size, group,
+           probe):  # pragma: no cover - compiled
+    hkv, d = probe.shape
+    n = stop - start
+    g0, g1 = start // group, (stop - 1) // group + 1
+    scores = np.empty((hkv, n), dtype=np.float32)
+    bound = np.empty((hkv, g1 - g0), dtype=np.float32)
+    inv = np.empty(hkv, dtype=np.float32)
+    for h in range(hkv):
+        norm = 0.0
+        for i in range(d):
+            norm += probe[h, i] * probe[h, i]
+        inv[h] = 1.0 / (127.0 * max(math.sqrt(norm), 1e-30))
+    n_chunks = (n + CHUNK - 1) // CHUNK
+    for t in numba.prange(hkv * (n_chunks + 1)):
+        h, c = t // (n_chunks + 1), t % (n_chunks + 1)
+        if c == n_chunks:  # the head's group bounds
+            for g in range(g0, g1):
+                s = bounds[g // page_size] * page_size + g % page_size
+                acc = 0.0
+                for i in range(d):
+                    acc += max(probe[h, i] * pool_k[h, s, i], probe[h, i] * pool_v[h, s, i])
+                bound[h, g - g0] = acc
+            continue
+        for b in range(start + c * CHUNK, min(stop, start + (c + 1) * CHUNK)):
+            row = reps[b // (2 * per)] * per + b % per
+            acc = 0.0
+            if (b // per) % 2 == 0:
+                for i in range(d):
+                    acc += probe[h, i] * codes_k[h, row, i]
+            else:
+                for i in range(d):
+                    acc += probe[h, i] * codes_v[h, row, i]
+            scores[h, b - start] = acc * inv[h]
+    return scores, bound
+
+
+def score_blocks(codes_k: np.ndarray, codes_v: np.ndarray, reps: np.ndarray, per: int, run: range,
+                 pool_k: np.ndarray, pool_v: np.ndarray, bounds: np.ndarray, page_size: int, group: int,
+                 probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """actqkv's block scores for ``probe`` float32 [Hkv, D]: the cosine similarity [Hkv,
+    len(run)] of each offloaded block of ``run`` with its representative, int8 codes of the
+    unit vector times 127 (block ``b`` at row ``reps[b // (2 per)] * per + b % per`` of
+    ``codes_k`` [Hkv, rows, D] if ``b // per`` is even, else of ``codes_v``); and the key
+    bound ``Σ_d max(p_d·max_d, p_d·min_d)`` [Hkv, groups] of each group of ``group`` blocks
+    meeting ``run`` (group ``g``'s max at slot ``bounds[g // page_size] * page_size + g %
+    page_size`` of ``pool_k`` [Hkv, slots, D], its min there in ``pool_v``)."""
+    return _score(codes_k, codes_v, reps, per, run.start, run.stop, pool_k, pool_v, bounds, page_size, group,
+                  probe)
+
+
+@numba.njit(nogil=True, cache=True)
+def _cutoff(scores, k_min, k_max):  # pragma: no cover - compiled
+    hkv, n = scores.shape
+    keep = np.empty(hkv, dtype=np.int64)
+    for h in range(hkv):
+        m = -np.inf
+        for j in range(n):
+            m = max(m, scores[h, j])
+        total = 0.0
+        for j in range(n):
+            total += math.exp(scores[h, j] - m)
+        entropy = 0.0
+        for j in range(n):
+            p = math.exp(scores[h, j] - m) / total
+            entropy -= p * math.log(p + 1e-10)
+        frac = math.exp(10.0 * (2.0 / (1.0 + math.exp(-10.0 * (entropy - math.log(n)))) - 1.0))
+        keep[h] = min(max(np.rint(k_min + (k_max - k_min) * frac), k_min), k_max)
+    return keep
+
+
+def cutoff(scores: np.ndarray, k_min: int, k_max: int) -> np.ndarray:
+    """ActQKV's dynamic cut-off (``hetero.policies.actqkv.dynamic_blocks``, whose tensor ops
+    are its oracle) of float32 ``scores`` [Hkv, n], ``k_min <= k_max <= n``: int64 [Hkv]."""
+    return _cutoff(scores, k_min, k_max)

@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cpu_kernels.block_memory import decode_attention
+from cpu_kernels.block_memory import cutoff, decode_attention, score_blocks
 from gpu_kernels import merge_partials, prior_attention
 from hetero.cache import KVStore
 from hetero.config import ModelConfig
@@ -194,7 +194,9 @@ class ActQKVPolicy(PagedState, Policy):
         return self._rep_count(n_pages, page_size) + self._bound_count(n_pages, page_size)
 
     def _rep_count(self, n_pages: int, page_size: int) -> int:
-        return -(-n_pages // (2 * page_size))  # representatives: one slot per page, in K and V
+        # representatives: int8 codes, a slot's bytes (D x itemsize) hold itemsize of them, in K and V
+        per_slot = self._store.dtype.itemsize if self._store is not None else 1
+        return -(-n_pages // (2 * page_size * per_slot))
 
     def _bound_count(self, n_pages: int, page_size: int) -> int:
         return -(-n_pages // (self.bound_group * page_size))  # one slot per group: max in K, min in V
@@ -244,8 +246,8 @@ class ActQKVPolicy(PagedState, Policy):
 
     def on_offload(self, store: KVStore, seq_id: int, layer: int, page_idx: list[int], k: Tensor) -> None:
         """Write the representatives of pages ``page_idx`` (keys ``k`` [Hkv, n, ps, D]): per
-        KV head, the mean of the ``n_repr`` keys of each page with the highest local score;
-        and widen their groups' key bounds."""
+        KV head, the mean of the ``n_repr`` keys of each page with the highest local score,
+        normalised, as int8 codes (x127); and widen their groups' key bounds."""
         ps, state = store.page_size, self._state(store, seq_id)
         reps, bounds = self._rep_pages(store, seq_id, layer)
         groups = [i // self.bound_group for i in page_idx]
@@ -259,59 +261,56 @@ class ActQKVPolicy(PagedState, Policy):
         score = state.scores[layer].index_select(1, tokens).view(k.shape[:3])  # [Hkv, n, ps]
         top = score.topk(min(self.n_repr, ps), dim=-1).indices
         rep = k.gather(2, top[..., None].expand(*top.shape, k.shape[-1])).float().mean(2)
-        rep = torch.nn.functional.normalize(rep, dim=-1).to(store.dtype)  # [Hkv, n, D]
-        for half, pool in enumerate((store.k, store.v)):
-            mine = [j for j, i in enumerate(page_idx) if i // ps % 2 == half]
+        codes = torch.nn.functional.normalize(rep, dim=-1).mul_(127).round_().to(torch.int8)  # [Hkv, n, D]
+        per = self._per(store)
+        for half, pool in enumerate(_codes(store)):
+            mine = [j for j, i in enumerate(page_idx) if i // per % 2 == half]
             if mine:
-                slots = [reps[page_idx[j] // (2 * ps)] * ps + page_idx[j] % ps for j in mine]
-                pool.index_copy_(1, store.device.tensor(slots, torch.int64),
-                                 rep.index_select(1, store.device.tensor(mine, torch.int64)))
+                rows = [reps[page_idx[j] // (2 * per)] * per + page_idx[j] % per for j in mine]
+                pool.index_copy_(1, store.device.tensor(rows, torch.int64),
+                                 codes.index_select(1, store.device.tensor(mine, torch.int64)))
 
-    def block_scores(self, store: KVStore, seq_id: int, layer: int, probe: Tensor, run: range) -> Tensor:
-        """Cosine similarity [Hkv, len(run)] of ``probe`` [Hkv, D] with the representatives of
-        the offloaded pages ``run``."""
-        reps, ps = self._state(store, seq_id).reps[layer], store.page_size
-        m = -(-run.stop // (2 * ps))  # representative pages covering the run
-        if reps[m - 1] - reps[0] == m - 1:  # contiguous (ids come sorted)
-            span = slice(reps[0] * ps, (reps[0] + m) * ps)
-            halves = [t[:, span].view(t.shape[0], m, ps, -1) for t in (store.k, store.v)]
-        else:
-            index = store.device.tensor(reps[:m], torch.int64)
-            halves = [t.view(t.shape[0], -1, ps, t.shape[-1]).index_select(1, index) for t in (store.k, store.v)]
-        p = probe.to(store.dtype)
-        scores = torch.stack([torch.einsum("hmjd,hd->hmj", r, p) for r in halves], dim=2)  # [Hkv, m, 2, ps]
-        scores = scores.flatten(1)[:, run.start : run.stop].float()
-        return scores / probe.float().norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    @staticmethod
+    def _per(store: KVStore) -> int:
+        """Representatives per page, in each of K and V."""
+        return store.page_size * store.dtype.itemsize
 
-    def forced(self, store: KVStore, seq_id: int, layer: int, probe: Tensor, run: range) -> Tensor:
-        """Per KV head, the blocks of the ``bound_top`` groups of ``bound_group`` blocks with
-        the highest key bound ``Σ_d max(p_d·max_d, p_d·min_d)`` for ``probe`` [Hkv, D] (Quest's
-        bound, over groups): run-relative indices [Hkv, bound_top * bound_group], repeats
-        possible at the run's ends."""
-        bounds, ps, grp = self._state(store, seq_id).bounds[layer], store.page_size, self.bound_group
+    def scores(self, store: KVStore, seq_id: int, layer: int, probe: Tensor, run: range) -> tuple[Tensor, Tensor]:
+        """For ``probe`` [Hkv, D]: the cosine similarity [Hkv, len(run)] of each offloaded block
+        of ``run`` with its representative, and the key bound ``Σ_d max(p_d·max_d, p_d·min_d)``
+        [Hkv, groups] of each group of ``bound_group`` blocks meeting ``run`` (Quest's bound,
+        over groups). A float32 CPU pool runs ``cpu_kernels.block_memory.score_blocks``."""
+        state, ps, grp, per = self._state(store, seq_id), store.page_size, self.bound_group, self._per(store)
+        reps, bounds = state.reps[layer], state.bounds[layer]
+        if _kernel_runs(store.kv):
+            ck, cv = _codes(store)
+            s, b = score_blocks(ck.numpy(), cv.numpy(), np.asarray(reps), per, run, store.k.numpy(), store.v.numpy(),
+                                np.asarray(bounds), ps, grp, probe.float().contiguous().numpy())
+            return torch.from_numpy(s), torch.from_numpy(b)
+        hkv, d = probe.shape
+        m = -(-run.stop // (2 * per))  # representative pages covering the run
+        index = store.device.tensor(reps[:m], torch.int64)
+        halves = [c.view(hkv, -1, per, d).index_select(1, index).float() for c in _codes(store)]
+        p = probe.float()
+        scores = torch.stack([torch.einsum("hmjd,hd->hmj", r, p) for r in halves], dim=2)  # [Hkv, m, 2, per]
+        scores = scores.flatten(1)[:, run.start : run.stop] / (127 * p.norm(dim=-1, keepdim=True).clamp_min(1e-30))
         g0, g1 = run.start // grp, (run.stop - 1) // grp + 1
-        m = -(-g1 // ps)  # bound pages covering the groups
-        if bounds[m - 1] - bounds[0] == m - 1:
-            span = slice(bounds[0] * ps, (bounds[0] + m) * ps)
-            hi, lo = store.k[:, span][:, g0:g1], store.v[:, span][:, g0:g1]
-        else:
-            index = store.device.tensor([bounds[g // ps] * ps + g % ps for g in range(g0, g1)], torch.int64)
-            hi, lo = store.k.index_select(1, index), store.v.index_select(1, index)
-        p = probe.to(store.dtype)[..., None]
-        bound = (hi @ p.clamp_min(0) + lo @ p.clamp_max(0))[..., 0]  # [Hkv, groups]
-        top = bound.topk(min(self.bound_top, g1 - g0), dim=1, sorted=False).indices
-        blocks = (top[..., None] + g0) * grp + torch.arange(grp, device=top.device) - run.start
-        return blocks.flatten(1).clamp_(0, len(run) - 1)
+        index = store.device.tensor(bounds[: -(-g1 // ps)], torch.int64)  # bound pages covering the groups
+        hi, lo = [t.view(hkv, -1, ps, d).index_select(1, index).flatten(1, 2)[:, g0:g1].float() for t in (store.k, store.v)]
+        return scores, (hi @ p.clamp_min(0)[..., None] + lo @ p.clamp_max(0)[..., None])[..., 0]
 
     def ranked(self, store: KVStore, seq_id: int, layer: int, probe: Tensor, run: range) -> tuple[Tensor, Tensor]:
         """``(scores, rank)`` [Hkv, len(run)] of the offloaded blocks for ``probe`` [Hkv, D]:
-        the representatives' cosine similarity, and the same with the bound's groups first
-        (+inf): what the selection takes its top blocks by."""
-        scores = self.block_scores(store, seq_id, layer, probe, run)
+        the representatives' cosine similarity (:meth:`scores`), and the same with the blocks
+        of each head's ``bound_top`` groups of highest bound set to +inf: what the selection
+        takes its top blocks by."""
+        scores, bound = self.scores(store, seq_id, layer, probe, run)
         if not self.bound_top:
             return scores, scores
-        forced = self.forced(store, seq_id, layer, probe, run)
-        return scores, scores.scatter(1, forced, float("inf"))
+        grp = self.bound_group
+        top = bound.topk(min(self.bound_top, bound.shape[1]), dim=1, sorted=False).indices
+        blocks = (top[..., None] + run.start // grp) * grp + torch.arange(grp, device=top.device) - run.start
+        return scores, scores.scatter(1, blocks.flatten(1).clamp_(0, len(run) - 1), float("inf"))
 
     def head_slots(self, store: KVStore, seq_id: int, layer: int, k: int) -> HeadSlots:
         """The layer's head cache for ``k`` blocks per KV head ((re)allocated as ``k`` grows)."""
@@ -503,11 +502,21 @@ class ActQKVPolicy(PagedState, Policy):
         slots = self._seqs[w.seq_id].heads[layer]
         top = rank.topk(slots.held.shape[1], dim=1, sorted=True).indices.add_(w.run.start)  # best first
         fetch_head_pages(store, w.seq_id, layer, slots, top)
+        if _kernel_runs(store.kv):
+            n = scores.shape[1]
+            return top, torch.from_numpy(cutoff(scores.numpy(), min(n, self.min_blocks, self.top_blocks),
+                                                min(n, self.top_blocks)))
         return top, dynamic_blocks(scores, self.min_blocks, self.top_blocks)
 
 
+def _codes(store: KVStore) -> tuple[Tensor, Tensor]:
+    """The K and V pools as int8 rows of D: a pool slot is ``itemsize`` rows."""
+    return tuple(t.view(torch.int8).view(t.shape[0], -1, t.shape[-1]) for t in (store.k, store.v))
+
+
 def _kernel_runs(pool: Tensor) -> bool:
-    """Whether decode attention runs ``cpu_kernels.block_memory`` (a float32 CPU pool)."""
+    """Whether block scores, the cut-off and decode attention run ``cpu_kernels.block_memory``
+    (a float32 CPU pool)."""
     return pool.device.type == "cpu" and pool.dtype == torch.float32
 
 

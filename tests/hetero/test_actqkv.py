@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from cpu_kernels.block_memory import cutoff
+
 from hetero import LLM, SamplingParams
 from hetero.model import apply_rope
 from hetero.cache import KVStore
@@ -77,6 +79,7 @@ def test_dynamic_cutoff_matches_actqkvs_rule(sharpness):
     scores = rng.normal(size=(3, 200)) * sharpness
     got = dynamic_blocks(torch.from_numpy(scores).float(), 6, 32)
     assert got.tolist() == _np_cutoff(scores, 6, 32)
+    assert cutoff(scores.astype(np.float32), 6, 32).tolist() == got.tolist()  # the CPU's numba twin
     assert dynamic_blocks(torch.zeros(2, 3), 6, 32).tolist() == [3, 3]  # fewer blocks than the minimum
     assert dynamic_blocks(torch.zeros(1, 50), 32, 8).tolist() == [8]  # a minimum above the maximum
 
@@ -117,27 +120,39 @@ def _offloaded(k, scores, batches):
     return store, policy
 
 
-def test_key_bounds_cover_each_group_of_offloaded_blocks():
-    """Bounds widen page by page across offload batches; the forced blocks are those of each
-    head's group with the highest bound, over the offloaded pages only (group 0 holds the
-    sink page)."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["numba", "tensor-ops"])
+def test_scores_are_the_representatives_cosine_and_the_groups_key_bounds(monkeypatch, kernel):
+    """Bounds widen page by page across offload batches, over the offloaded pages only
+    (group 0 holds the sink page); representatives are int8 codes of the unit mean of each
+    page's top keys; the bound's best group per head comes first in the ranking."""
+    monkeypatch.setattr(actqkv, "_kernel_runs", lambda pool: kernel)
     torch.manual_seed(0)
     k = torch.randn(N, 2, 8)
-    store, policy = _offloaded(k, torch.zeros(2, N), [list(range(1, 11)), list(range(11, 30))])
+    local = torch.randn(2, N)
+    singles = [[p] for p in range(1, 30)]  # the ring holds 5 pages' local scores
+    store, policy = _offloaded(k, local, singles[:10] + [[11, 12, 13], [14, 15]] + singles[15:])
+    store2, _ = _offloaded(k, local, singles)
     run = store.tables[0].offloaded
     assert run == range(1, 30)
+    pages = k.view(-1, PS, 2, 8)  # [page, token, Hkv, D]
     for _ in range(5):
         probe = torch.randn(2, 8)
-        forced = policy.forced(store, 0, 0, probe, run)
+        scores, bound = policy.scores(store, 0, 0, probe, run)
+        rank = policy.ranked(store, 0, 0, probe, run)[1]
         for h in range(2):
-            bounds = []
+            want = []
             for g in range(8):
-                pages = [p for p in range(4 * g, 4 * g + 4) if p in run]
-                keys = k[pages[0] * PS : (pages[-1] + 1) * PS, h]
-                bounds.append(torch.maximum(probe[h] * keys.amax(0), probe[h] * keys.amin(0)).sum())
-            best = int(torch.stack(bounds).argmax())
-            want = {p - run.start for p in range(4 * best, 4 * best + 4) if p in run}
-            assert set(forced[h].tolist()) == want
+                keys = pages[[p for p in range(4 * g, 4 * g + 4) if p in run], :, h].flatten(0, 1)
+                want.append(torch.maximum(probe[h] * keys.amax(0), probe[h] * keys.amin(0)).sum())
+            torch.testing.assert_close(bound[h], torch.stack(want), atol=1e-5, rtol=1e-5)
+            best = int(torch.stack(want).argmax())
+            assert set(torch.nonzero(rank[h].isinf())[:, 0].tolist()) == {
+                p - run.start for p in range(4 * best, 4 * best + 4) if p in run}
+            for p in run:
+                top = local[h, p * PS : (p + 1) * PS].topk(2).indices
+                rep = torch.nn.functional.normalize(pages[p, top, h].mean(0), dim=0)
+                assert abs(scores[h, p - run.start] - rep @ probe[h] / probe[h].norm()) < 0.02  # int8 codes
+    torch.testing.assert_close(policy.scores(store2, 0, 0, probe, run)[1], bound)  # batches or not
 
 
 def test_the_bound_keeps_a_block_whose_representative_misses_its_outlier_key():
