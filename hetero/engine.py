@@ -143,7 +143,8 @@ class Engine:
 
             def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 store.write(slots[layer], k, v)
-                return policy.attend_window(store, seq_id, layer, start, q, k, self.scale)
+                return policy.attend_window(store, seq_id, layer, start, q, k, self.scale,
+                                            last=start + len(chunk) == len(token_ids))
 
             out = self.model(store.device.tensor(chunk, torch.int64), None, attend)
             hidden = [*hidden, out] if keep_all else [out]

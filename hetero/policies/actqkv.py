@@ -23,7 +23,12 @@ instead of per group left a minimum of 0.10, and cost 8x more to scan.
 every layer. In a layer the window attends, causally, to the local window (the last
 ``n_local`` tokens before it) and itself, and to its memory: the sinks and, per KV head, the
 ``top_blocks`` blocks whose representatives are most similar (cosine) to the window's probe
-query (the bound's groups first), fetched into the layer's head cache. A window's cost does not grow with the prompt.
+query (the bound's groups first), fetched into the layer's head cache. A window's cost
+does not grow with the prompt. The prompt's last window, where the question usually is,
+reads ``final_blocks`` (512) blocks, one layer at a time: at 32k tokens of the passkey task
+a key that every decode step's selection found was still lost when the question's window
+read 128 blocks (the answer began " the pass key"), and found with 256, 512 or all of them;
+reading the tail in windows of 16 tokens at 128 blocks each did not find it.
 
 **Probe query** (ActQKV's activation bias, as its code's ``activate`` computes it): per
 layer and KV head, the window's queries ``h_t`` (the group's query heads side by side) are
@@ -168,6 +173,7 @@ class ActQKVPolicy(PagedState, Policy):
     window: int = 256
     top_blocks: int = 128
     min_blocks: int = 32
+    final_blocks: int = 512
     n_repr: int = 4
     bound_group: int = 8
     bound_top: int = 2
@@ -177,7 +183,7 @@ class ActQKVPolicy(PagedState, Policy):
 
     def __post_init__(self):
         Policy.__post_init__(self)
-        for name in ("window", "top_blocks", "min_blocks", "n_repr", "bound_group", "bound_top"):
+        for name in ("window", "top_blocks", "min_blocks", "final_blocks", "n_repr", "bound_group", "bound_top"):
             value, least = getattr(self, name), 0 if name == "bound_top" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"actqkv: {name} must be an integer >= {least}, got {value!r}")
@@ -204,8 +210,11 @@ class ActQKVPolicy(PagedState, Policy):
     def prefill_pages(self, cfg: ModelConfig, n_tokens: int, page_size: int, chunk: int,
                       stream_prefill: bool = False) -> int:
         # every layer at once holds its resident set and one window (window-major prefill)
+        # and one layer at a time the last window's larger head cache (and the one it replaces)
         n_pages = -(-n_tokens // page_size)
-        return self.steady_pages(cfg, n_tokens, page_size) + cfg.n_layers * min(n_pages, self.window // page_size + 1)
+        final = min(max(self.final_blocks, self.top_blocks), n_pages)
+        return (self.steady_pages(cfg, n_tokens, page_size) + cfg.n_layers * min(n_pages, self.window // page_size + 1)
+                + final)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -336,10 +345,10 @@ class ActQKVPolicy(PagedState, Policy):
     # -- prefill: one window of one layer ----------------------------------------------------
 
     def attend_window(self, store: KVStore, seq_id: int, layer: int, start: int, q: Tensor, k: Tensor,
-                      scale: float) -> Tensor:
+                      scale: float, last: bool = False) -> Tensor:
         """Attention output [C, Hq, D] of a window's queries ``q`` [C, Hq, D] at ``start`` (keys
         ``k`` [C, Hkv, D] are written to the store, like the values; both before the rotary
-        embedding)."""
+        embedding); the prompt's ``last`` window reads ``final_blocks`` blocks."""
         table, ps = store.tables[seq_id], store.page_size
         c, hq, d = q.shape
         hkv = k.shape[1]
@@ -358,13 +367,14 @@ class ActQKVPolicy(PagedState, Policy):
         own = attention(qr, kr[:, n - c :], values[:, n - c :], scale, causal=True)
         parts = [own] if prior is None else [own, prior]
         if run:
-            parts.append(self._window_memory(store, seq_id, layer, q, run, scale))
+            parts.append(self._window_memory(store, seq_id, layer, q, run, scale, last))
         return merge_partials(*parts)[0] if len(parts) > 1 else own[0]
 
     def _window_memory(self, store: KVStore, seq_id: int, layer: int, q: Tensor, run: range,
-                       scale: float) -> tuple[Tensor, Tensor]:
+                       scale: float, last: bool) -> tuple[Tensor, Tensor]:
         """The window's partial over the sinks and its top blocks (per KV head) at the memory
-        distance."""
+        distance. The last window's head cache (``final_blocks``) shrinks back to
+        ``top_blocks`` after it, so that only one layer at a time holds the larger one."""
         state, ps = self._state(store, seq_id), store.page_size
         c, hq, d = q.shape
         hkv = store.cfg.n_kv_heads
@@ -374,13 +384,15 @@ class ActQKVPolicy(PagedState, Policy):
         cos, sin = self._memory_rotation(q.dtype, q.device)
         qm = apply_rope(q, cos, sin)
         probe = apply_rope(probe.view(hkv, -1, d), cos, sin).sum(1)  # [Hkv, D]
-        kk = min(self.top_blocks, len(run))
+        kk = min(max(self.final_blocks, self.top_blocks) if last else self.top_blocks, len(run))
         picks = self.ranked(store, seq_id, layer, probe, run)[1].topk(kk, dim=1, sorted=False).indices.add_(run.start)
         slots = self.head_slots(store, seq_id, layer, kk)
         fetch_head_pages(store, seq_id, layer, slots, picks)
         pages = store.tables[seq_id].layers[layer][: run.start] + slots.pages
         table = store.device.tensor(pages, torch.int32)
-        return prior_attention(qm, store.k, store.v, table, len(pages) * ps, scale, ps)
+        out = prior_attention(qm, store.k, store.v, table, len(pages) * ps, scale, ps)
+        self.head_slots(store, seq_id, layer, min(self.top_blocks, len(run)))
+        return out
 
     def _score_local(self, state: _SeqState, layer: int, qs: Tensor, keys: Tensor, base: int, start: int) -> None:
         """Add the local scores of this window's queries (``qs`` [C, Hkv, D], summed over each

@@ -232,10 +232,11 @@ class Policy(ABC):
     # -- prefill, for a policy with bounded positions ----------------------------------------
 
     def attend_window(self, store: KVStore, seq_id: int, layer: int, start: int, q: Tensor, k: Tensor,
-                      scale: float) -> Tensor:
+                      scale: float, last: bool = False) -> Tensor:
         """Attention output [C, Hq, D] of one prefill window's queries ``q`` [C, Hq, D] at
         positions ``start ..`` in ``layer``; its keys ``k`` [C, Hkv, D] and values are in the
-        store (q and k before the rotary embedding). Only for ``bounded_positions``."""
+        store (q and k before the rotary embedding); ``last``: the prompt's last window. Only
+        for ``bounded_positions``."""
         raise NotImplementedError(f"{self.name} has no windowed prefill")
 
     # -- decode: plan once per step, run per layer ----------------------------------------

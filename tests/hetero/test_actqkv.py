@@ -268,6 +268,29 @@ def test_the_decode_kernel_equals_the_tensor_ops_with_a_sparse_selection(tiny_mo
     np.testing.assert_allclose(runs[0], runs[1], atol=1e-4)
 
 
+def test_the_last_window_reads_final_blocks_one_layer_at_a_time(tiny_model_dir, monkeypatch):
+    """The prompt's last window (where the question usually is) reads ``final_blocks`` blocks
+    per head; each layer's head cache shrinks back to ``top_blocks`` after it, within the
+    prefill budget."""
+    llm = _llm(tiny_model_dir, final_blocks=12)
+    ps, n_layers = llm.store.page_size, llm.config.n_layers
+    reads, peak = [], [0]
+    prior = actqkv.prior_attention
+
+    def spy(q, k, v, table, n, *args):
+        reads.append(n)
+        peak[0] = max(peak[0], llm.store.allocator.n_used)
+        return prior(q, k, v, table, n, *args)
+
+    monkeypatch.setattr(actqkv, "prior_attention", spy)
+    ids = llm.tokenizer(TEXT)["input_ids"][:150]  # windows of 16: the last one from 144
+    llm.generate(ids, SamplingParams(max_new_tokens=1))
+    sinks = llm.policy.n_sink
+    assert reads[-n_layers:] == [sinks + 12 * ps] * n_layers
+    assert set(reads[:-n_layers]) <= {sinks + k * ps for k in range(1, 5)} and 4 * ps + sinks in reads
+    assert peak[0] <= llm.policy.device_pages(llm.config, 150 + 1, ps, 32)
+
+
 def test_a_sparse_selection_stays_close_to_the_oracle(tiny_model_dir):
     """With 4 of the ~30 offloaded blocks per head the logits move, but stay near the full
     memory's."""
