@@ -366,11 +366,11 @@ def test_longctx_plan():
 
     full, quick = longctx.DEFAULT, longctx.QUICK
     assert full.lengths == (16384, 32768, 65536, 131072) and full.trials == 1
-    assert [len(full.depths_at(n)) for n in full.lengths] == [5, 5, 3, 3]
+    assert full.depths == (0.1, 0.3, 0.5, 0.7, 0.9)  # at every length
     assert [full.runs("quest", n) for n in full.lengths] == [True, False, False, False]
     assert not full.runs("dense", 16384) and full.runs("dense", 8192) and full.runs("actqkv", 131072)
     assert quick.lengths == (4096, 16384) and quick.policies == ("actqkv", "streaming")
-    assert len(quick.depths_at(16384)) == 2
+    assert len(quick.depths) == 2
     assert longctx._lengths("2048,16k") == (2048, 16384)
     with pytest.raises(ValueError):
         replace(full, lengths=(32,))
