@@ -5,7 +5,9 @@ so that prefill is linear in the prompt and a model reads far past its trained c
 the host tier; the device keeps one representative key of it per KV head: the mean of the
 ``n_repr`` keys that the queries after them scored highest (``q·k``, before the rotary
 embedding, summed over the group's query heads, while the key was in the local window),
-normalised. This is InfLLM's rule as its code (and ActQKV's, a fork of it) applies it: the
+normalised, stored as int8 codes (x127: a unit vector needs no scale; 64 bytes per block and
+head, a quarter of fp32, which at 128k tokens is 47 MB scanned per decode step instead of
+189 MB). This is InfLLM's rule as its code (and ActQKV's, a fork of it) applies it: the
 top keys of a block by local score, averaged into one vector.
 
 **Key bounds.** The average loses a key that the queries after it ignored: at 32k tokens of
@@ -466,20 +468,22 @@ class ActQKVPolicy(PagedState, Policy):
         if w.run:  # select and fetch the blocks first: the reads below see the head cache
             qm = apply_rope(qg, cos[self.n_local], sin[self.n_local])
             ranked, keep = self._select(store, w, layer, qm.sum(1))
-        held = state.heads[layer].held if w.run else torch.zeros((hkv, 0), dtype=torch.int64)
+        held = state.heads[layer].held if w.run else None
         row = plan.index[w.row]
         ring = plan.index[len(plan.index) - len(plan.step.seq_ids) + w.b, : w.n_local]
         if _kernel_runs(store.kv):
+            if not w.run:  # nothing in memory: no cache pages
+                held = ranked = torch.zeros((hkv, 0), dtype=torch.int64)
+                keep = torch.zeros(hkv, dtype=torch.int64)
             out = decode_attention(
                 qg.float().numpy(), store.kv.numpy(), row.numpy(), w.n_local, w.n_sink,
-                w.span[0] if w.span else -1, held.numpy(), (ranked if w.run else held).numpy(),
-                (keep if w.run else torch.zeros(hkv, dtype=torch.int64)).numpy(), ps, cos[:, 0].numpy(),
+                w.span[0] if w.span else -1, held.numpy(), ranked.numpy(), keep.numpy(), ps, cos[:, 0].numpy(),
                 sin[:, 0].numpy(), self.n_local, plan.step.scale, state.scores[layer].numpy(), ring.numpy())
             return torch.from_numpy(out).view(hq, d)
         return self._decode_tensors(store, layer, qg, plan.step.scale, w, row, ring, held, ranked, keep, cos, sin)
 
     def _decode_tensors(self, store: KVStore, layer: int, qg: Tensor, scale: float, w: _Seq, row: Tensor,
-                        ring: Tensor, held: Tensor, ranked: Tensor | None, keep: Tensor | None, cos: Tensor,
+                        ring: Tensor, held: Tensor | None, ranked: Tensor | None, keep: Tensor | None, cos: Tensor,
                         sin: Tensor) -> Tensor:
         """:meth:`_decode` in tensor ops (``qg`` [Hkv, G, D])."""
         ps, (hkv, g, d) = store.page_size, qg.shape
