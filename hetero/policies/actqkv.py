@@ -19,7 +19,7 @@ groups with the highest bound ``Σ_d max(p_d·max_d, p_d·min_d)`` are always se
 ``top_blocks``). Over the decode steps of three 32k prompts, the selected blocks' share of
 the attention mass that the best 128 blocks hold rose from a mean of 0.92 (minimum 0.003:
 the lost key) to 0.95 (minimum 0.64); the 16 blocks with the highest bound per block
-instead of per group left a minimum of 0.10, and cost 8x more to scan.
+instead of per group left a minimum of 0.007, and cost 8x more to scan.
 
 **Prefill** (the engine's windowed prefill): each window of ``window`` tokens runs through
 every layer. In a layer the window attends, causally, to the local window (the last
