@@ -202,8 +202,9 @@ def score_blocks(codes_k: np.ndarray, codes_v: np.ndarray, reps: np.ndarray, per
     unit vector times 127 (block ``b`` at row ``reps[b // (2 per)] * per + b % per`` of
     ``codes_k`` [Hkv, rows, D] if ``b // per`` is even, else of ``codes_v``); and the key
     bound ``Σ_d max(p_d·max_d, p_d·min_d)`` [Hkv, groups] of each group of ``group`` blocks
-    meeting ``run`` (group ``g``'s max at slot ``bounds[g // page_size] * page_size + g %
-    page_size`` of ``pool_k`` [Hkv, slots, D], its min there in ``pool_v``)."""
+    meeting ``run`` (group ``g``'s min at slot ``bounds[g // page_size] * page_size + g %
+    page_size`` of ``pool_k`` [Hkv, slots, D], its max there in ``pool_v``, as quest keeps
+    its page bounds)."""
     return _score(codes_k, codes_v, reps, per, run.start, run.stop, pool_k, pool_v, bounds, page_size, group,
                   probe)
 

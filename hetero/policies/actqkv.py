@@ -110,12 +110,18 @@ def probe_query(q: Tensor, mean: Tensor | None, var: Tensor | None, count: int) 
     return torch.einsum("ch,chf->hf", w, x), mean, var
 
 
+def cutoff_range(n: int, min_blocks: int, top_blocks: int) -> tuple[int, int]:
+    """The cut-off's ``(K_min, K_max)`` over ``n`` blocks (a minimum above the maximum keeps
+    the maximum)."""
+    return min(n, min_blocks, top_blocks), min(n, top_blocks)
+
+
 def dynamic_blocks(scores: Tensor, min_blocks: int, top_blocks: int) -> Tensor:
     """ActQKV's dynamic cut-off: blocks to keep per row of ``scores`` [Hkv, n] (int64 [Hkv],
     on the scores' device: never read back), between ``min(n, min_blocks)`` and
     ``min(n, top_blocks)`` (a minimum above the maximum keeps the maximum)."""
     n = scores.shape[-1]
-    k_min, k_max = min(n, min_blocks, top_blocks), min(n, top_blocks)
+    k_min, k_max = cutoff_range(n, min_blocks, top_blocks)
     p = torch.softmax(scores.float(), dim=-1)
     h = -(p * torch.log(p + 1e-10)).sum(-1)
     frac = torch.exp(10 * (2 * torch.sigmoid(10 * (h - math.log(n))) - 1))
@@ -207,7 +213,7 @@ class ActQKVPolicy(PagedState, Policy):
         return -(-n_pages // (2 * page_size * per_slot))
 
     def _bound_count(self, n_pages: int, page_size: int) -> int:
-        return -(-n_pages // (self.bound_group * page_size))  # one slot per group: max in K, min in V
+        return -(-n_pages // (self.bound_group * page_size))  # one slot per group: min in K, max in V
 
     def prefill_pages(self, cfg: ModelConfig, n_tokens: int, page_size: int, chunk: int,
                       stream_prefill: bool = False) -> int:
@@ -238,7 +244,7 @@ class ActQKVPolicy(PagedState, Policy):
 
     def _rep_pages(self, store: KVStore, seq_id: int, layer: int) -> tuple[list[int], list[int]]:
         """The layer's representative and key-bound pages (allocated at the first offload,
-        one run for the whole sequence; the bounds start empty: max -inf, min +inf)."""
+        one run for the whole sequence; the bounds start empty: min +inf, max -inf)."""
         state, ps = self._state(store, seq_id), store.page_size
         if not state.reps[layer]:
             n_pages = -(-store.tables[seq_id].capacity // ps)
@@ -247,12 +253,12 @@ class ActQKVPolicy(PagedState, Policy):
             state.reps[layer], state.bounds[layer] = run[:n_reps], run[n_reps:]
             span = slice(run[n_reps] * ps, (run[-1] + 1) * ps)
             if run[-1] - run[n_reps] == len(run) - n_reps - 1:
-                store.k[:, span] = float("-inf")
-                store.v[:, span] = float("inf")
+                store.k[:, span] = float("inf")
+                store.v[:, span] = float("-inf")
             else:
                 slots = store.device.tensor([p * ps + j for p in run[n_reps:] for j in range(ps)], torch.int64)
-                store.k.index_fill_(1, slots, float("-inf"))
-                store.v.index_fill_(1, slots, float("inf"))
+                store.k.index_fill_(1, slots, float("inf"))
+                store.v.index_fill_(1, slots, float("-inf"))
         return state.reps[layer], state.bounds[layer]
 
     def on_offload(self, store: KVStore, seq_id: int, layer: int, page_idx: list[int], k: Tensor) -> None:
@@ -263,10 +269,9 @@ class ActQKVPolicy(PagedState, Policy):
         reps, bounds = self._rep_pages(store, seq_id, layer)
         groups = [i // self.bound_group for i in page_idx]
         slots = store.device.tensor([bounds[g // ps] * ps + g % ps for g in groups], torch.int64)
-        hi, lo = k.amax(2), k.amin(2)  # [Hkv, n, D]
-        slots = slots[None, :, None].expand_as(hi)
-        store.k.scatter_reduce_(1, slots, hi, "amax")
-        store.v.scatter_reduce_(1, slots, lo, "amin")
+        slots = slots[None, :, None].expand(k.shape[0], -1, k.shape[-1])  # as quest: min in K, max in V
+        store.k.scatter_reduce_(1, slots, k.amin(2), "amin")
+        store.v.scatter_reduce_(1, slots, k.amax(2), "amax")
         ring = state.scores.shape[-1]
         tokens = store.device.tensor([(i * ps + j) % ring for i in page_idx for j in range(ps)], torch.int64)
         score = state.scores[layer].index_select(1, tokens).view(k.shape[:3])  # [Hkv, n, ps]
@@ -307,7 +312,7 @@ class ActQKVPolicy(PagedState, Policy):
         scores = scores.flatten(1)[:, run.start : run.stop] / (127 * p.norm(dim=-1, keepdim=True).clamp_min(1e-30))
         g0, g1 = run.start // grp, (run.stop - 1) // grp + 1
         index = store.device.tensor(bounds[: -(-g1 // ps)], torch.int64)  # bound pages covering the groups
-        hi, lo = [t.view(hkv, -1, ps, d).index_select(1, index).flatten(1, 2)[:, g0:g1].float() for t in (store.k, store.v)]
+        lo, hi = [t.view(hkv, -1, ps, d).index_select(1, index).flatten(1, 2)[:, g0:g1].float() for t in (store.k, store.v)]
         return scores, (hi @ p.clamp_min(0)[..., None] + lo @ p.clamp_max(0)[..., None])[..., 0]
 
     def ranked(self, store: KVStore, seq_id: int, layer: int, probe: Tensor, run: range) -> tuple[Tensor, Tensor]:
@@ -340,9 +345,9 @@ class ActQKVPolicy(PagedState, Policy):
         return self._rope.span(n, dtype, device)
 
     def _memory_rotation(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos, sin [1, 1, D] of the memory's distance (``n_local``)."""
+        """cos, sin [1, D] of the memory's distance (``n_local``)."""
         cos, sin = self._rope_at(self.n_local + 1, dtype, device)
-        return cos[-1:], sin[-1:]
+        return cos[self.n_local], sin[self.n_local]
 
     # -- prefill: one window of one layer ----------------------------------------------------
 
@@ -466,7 +471,7 @@ class ActQKVPolicy(PagedState, Policy):
         cos, sin = self._rope_at(max(w.n_local, self.n_local + 1), q.dtype, q.device)
         ranked = keep = None
         if w.run:  # select and fetch the blocks first: the reads below see the head cache
-            qm = apply_rope(qg, cos[self.n_local], sin[self.n_local])
+            qm = apply_rope(qg, *self._memory_rotation(q.dtype, q.device))
             ranked, keep = self._select(store, w, layer, qm.sum(1))
         held = state.heads[layer].held if w.run else None
         row = plan.index[w.row]
@@ -498,7 +503,7 @@ class ActQKVPolicy(PagedState, Policy):
         if not w.run:
             p = torch.softmax(logits[0].float(), dim=-1)
             return (p.to(values.dtype) @ values).view(hkv * g, d)
-        qm = apply_rope(q, cos[self.n_local], sin[self.n_local])
+        qm = apply_rope(q, *self._memory_rotation(q.dtype, q.device))
         rank = (held[:, :, None] == ranked[:, None, :]).to(torch.uint8).argmax(-1)  # of each slot's block
         dropped = rank >= keep[:, None]  # [Hkv, slots]: past the head's cut-off
         cache = store.kv[:, :, w.span[0] : w.span[1]] if w.span else kv[:, :, n_near:]
@@ -519,9 +524,8 @@ class ActQKVPolicy(PagedState, Policy):
         top = rank.topk(slots.held.shape[1], dim=1, sorted=True).indices.add_(w.run.start)  # best first
         fetch_head_pages(store, w.seq_id, layer, slots, top)
         if _kernel_runs(store.kv):
-            n = scores.shape[1]
-            return top, torch.from_numpy(cutoff(scores.numpy(), min(n, self.min_blocks, self.top_blocks),
-                                                min(n, self.top_blocks)))
+            k_range = cutoff_range(scores.shape[1], self.min_blocks, self.top_blocks)
+            return top, torch.from_numpy(cutoff(scores.numpy(), *k_range))
         return top, dynamic_blocks(scores, self.min_blocks, self.top_blocks)
 
 
