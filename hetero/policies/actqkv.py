@@ -82,6 +82,7 @@ from cpu_kernels.block_memory import cutoff, decode_attention, score_blocks
 from gpu_kernels import merge_partials, prior_attention
 from hetero.cache import KVStore
 from hetero.config import ModelConfig
+from hetero.device import Counter
 from hetero.model import Rope, apply_rope
 from hetero.policies.base import DecodeStep, PagedState, Policy, StepPlan
 from hetero.policies.quest import HeadSlots, fetch_head_pages
@@ -188,6 +189,8 @@ class ActQKVPolicy(PagedState, Policy):
     _store: KVStore | None = field(default=None, init=False, repr=False)
     _rope: Rope | None = field(default=None, init=False, repr=False)
     _seqs: dict[int, _SeqState] = field(default_factory=dict, init=False, repr=False)
+    _keys_read: Counter = field(default_factory=Counter, init=False, repr=False)
+    _keys_seen: Counter = field(default_factory=Counter, init=False, repr=False)
 
     def __post_init__(self):
         Policy.__post_init__(self)
@@ -231,6 +234,13 @@ class ActQKVPolicy(PagedState, Policy):
             raise ValueError(f"actqkv: window ({self.window}) and n_sink ({self.n_sink}) must be multiples "
                              f"of page_size ({store.page_size})")
         self._store, self._rope, self._seqs = store, Rope(store.cfg), {}
+        self._keys_read, self._keys_seen = Counter(), Counter()
+
+    def key_counts(self) -> tuple[int, int]:
+        """Keys the decode steps attended (local window, sinks and the blocks each KV head
+        kept) and keys of the context they could have read, both summed over query heads and
+        (layer, sequence) calls since :meth:`bind`."""
+        return self._keys_read.value, self._keys_seen.value
 
     def _state(self, store: KVStore, seq_id: int) -> _SeqState:
         state = self._seqs.get(seq_id)
@@ -473,6 +483,9 @@ class ActQKVPolicy(PagedState, Policy):
         if w.run:  # select and fetch the blocks first: the reads below see the head cache
             qm = apply_rope(qg, *self._memory_rotation(q.dtype, q.device))
             ranked, keep = self._select(store, w, layer, qm.sum(1))
+            self._keys_read.add(keep.sum() * (ps * (hq // hkv)))
+        self._keys_read.add(hq * (w.n_local + w.n_sink))
+        self._keys_seen.add(hq * plan.step.n_tokens[w.b])
         held = state.heads[layer].held if w.run else None
         row = plan.index[w.row]
         ring = plan.index[len(plan.index) - len(plan.step.seq_ids) + w.b, : w.n_local]
