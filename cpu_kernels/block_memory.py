@@ -1,27 +1,27 @@
-"""One decode step of actqkv's attention on the CPU, in one numba call per layer and
-sequence (the CPU twin of the tensor ops in ``hetero.policies.actqkv``, which a GPU runs and
-which are this kernel's oracle).
+"""actqkv's decode step on the CPU: block scores, the selection and attention, each one numba
+call per layer and sequence (the CPU twins of the tensor ops in ``hetero.policies.actqkv``,
+which a GPU runs and which are these kernels' oracle).
+
+On the CPU the host tier is the device's own memory, so the selected blocks are read where
+they lie: no head cache, no copies.
 
 A query ``q`` [Hkv, G, D] (each KV head's group of query heads; unscaled, before the rotary
-embedding) attends, in one softmax per query head, to the keys and values of the pool
-``pool`` [2, Hkv, slots, D] at:
+embedding) attends, in one softmax per query head, to:
 
-- the local window: pool slots ``slots[:n_local]``, keys rotated at positions
-  ``0 .. n_local - 1`` and the query at ``n_local - 1`` (true relative positions);
+- the local window: pool slots ``slots[:n_local]`` of ``pool`` [2, Hkv, slots, D], keys
+  rotated at positions ``0 .. n_local - 1`` and the query at ``n_local - 1`` (true relative
+  positions);
 - the memory, keys as stored (position 0) and the query rotated at ``mem_pos``: the sinks,
-  ``slots[n_local : n_local + n_sink]``, and the head cache: ``held.shape[1]`` pages of
-  ``page_size`` slots, from slot ``span`` on (one run) or listed after the sinks in ``slots``
-  (``span`` < 0). KV head ``h``'s cache page ``j`` holds block ``held[h, j]``; it counts only
-  if that block is among the head's first ``keep[h]`` blocks of ``ranked[h]`` (the dynamic
-  cut-off).
+  pool slots ``slots[n_local : n_local + n_sink]``, and KV head ``h``'s blocks
+  ``blocks[h, :keep[h]]`` of ``page_size`` tokens in the layer's host tier ``host`` [2, Hkv,
+  capacity, D] (block ``b`` at slots ``b * page_size ..``).
 
 It also adds each local key's score, ``q·k`` of the unrotated key with the group's queries
 summed (unscaled), to ``scores[h, ring[j]]``: what the representatives are chosen by.
 
 The keys of a head are cut into chunks of ``CHUNK``; (head, chunk) tasks run in parallel
 (``prange``), each a two-pass softmax over its keys (max, then exp and sums), merged by their
-maxima at the end. One call replaces ~25 small torch ops per layer; it reads each key and
-value once.
+maxima at the end. It reads each key and value once.
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ CHUNK = 512
 
 
 @numba.njit(nogil=True, parallel=True, fastmath={"reassoc", "contract"}, cache=True)  # keeps -inf
-def _attend(q, pool, slots, n_local, n_sink, span, held, ranked, keep, page_size, cos, sin, mem_pos,
-            scale, scores, ring):  # pragma: no cover - compiled
+def _attend(q, pool, slots, n_local, n_sink, host, blocks, keep, page_size, cos, sin, mem_pos, scale, scores,
+            ring):  # pragma: no cover - compiled
     hkv, g, d = q.shape
     half = d // 2
-    n_pages = held.shape[1]
     n_near = n_local + n_sink
-    n = n_near + n_pages * page_size
     # queries: scaled, rotated at the local position and at the memory's
     ql = np.empty((hkv, g, d), dtype=np.float32)
     qm = np.empty((hkv, g, d), dtype=np.float32)
@@ -55,74 +53,68 @@ def _attend(q, pool, slots, n_local, n_sink, span, held, ranked, keep, page_size
                 ql[h, a, i] = (q[h, a, i] * cos[pl, i] + r * sin[pl, i]) * scale
                 qm[h, a, i] = (q[h, a, i] * cos[mem_pos, i] + r * sin[mem_pos, i]) * scale
                 qsum[h, i] += q[h, a, i]
-    # the cache pages each head counts (its first keep[h] ranked blocks)
-    counts = np.zeros((hkv, n_pages), dtype=np.bool_)
-    top = 0
+    n_max = n_near
     for h in range(hkv):
-        for j in range(n_pages):
-            top = max(top, held[h, j] + 1)
-    for h in range(hkv):
-        mark = np.zeros(max(top, 1), dtype=np.bool_)
-        for i in range(keep[h]):
-            if ranked[h, i] < top:
-                mark[ranked[h, i]] = True
-        for j in range(n_pages):
-            counts[h, j] = held[h, j] >= 0 and mark[held[h, j]]
-    n_chunks = (n + CHUNK - 1) // CHUNK
+        n_max = max(n_max, n_near + keep[h] * page_size)
+    n_chunks = (n_max + CHUNK - 1) // CHUNK
     part_m = np.full((hkv, n_chunks, g), -np.inf, dtype=np.float32)
     part_l = np.zeros((hkv, n_chunks, g), dtype=np.float32)
     part_o = np.zeros((hkv, n_chunks, g, d), dtype=np.float32)
     for t in numba.prange(hkv * n_chunks):
         h, c = t // n_chunks, t % n_chunks
-        lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
-        logits = np.full((g, hi - lo), -np.inf, dtype=np.float32)
-        where = np.empty(hi - lo, dtype=np.int64)  # pool slot of each key (-1: not counted)
+        lo, hi = c * CHUNK, min(n_near + keep[h] * page_size, (c + 1) * CHUNK)
+        if lo >= hi:
+            continue
+        logits = np.empty((g, hi - lo), dtype=np.float32)
+        where = np.empty(hi - lo, dtype=np.int64)  # slot of each key: in the pool (j < n_near), else the host tier
         key = np.empty(d, dtype=np.float32)
         for j in range(lo, hi):
             if j < n_near:
                 s = slots[j]
+                if j < n_local:  # rotate at position j; add the key's local score
+                    local = 0.0
+                    for i in range(d):
+                        x = pool[0, h, s, i]
+                        o = pool[0, h, s, i + half] if i < half else pool[0, h, s, i - half]
+                        key[i] = x * cos[j, i] + (-o if i < half else o) * sin[j, i]
+                        local += qsum[h, i] * x
+                    scores[h, ring[j]] += local
+                    for a in range(g):
+                        acc = 0.0
+                        for i in range(d):
+                            acc += ql[h, a, i] * key[i]
+                        logits[a, j - lo] = acc
+                else:
+                    for a in range(g):
+                        acc = 0.0
+                        for i in range(d):
+                            acc += qm[h, a, i] * pool[0, h, s, i]
+                        logits[a, j - lo] = acc
             else:
-                page = (j - n_near) // page_size
-                if not counts[h, page]:
-                    where[j - lo] = -1
-                    continue
-                s = span + (j - n_near) if span >= 0 else slots[j]
+                m = j - n_near
+                s = blocks[h, m // page_size] * page_size + m % page_size
+                for a in range(g):
+                    acc = 0.0
+                    for i in range(d):
+                        acc += qm[h, a, i] * host[0, h, s, i]
+                    logits[a, j - lo] = acc
             where[j - lo] = s
-            if j < n_local:  # rotate at position j; add the key's local score
-                local = 0.0
-                for i in range(d):
-                    x = pool[0, h, s, i]
-                    o = pool[0, h, s, i + half] if i < half else pool[0, h, s, i - half]
-                    key[i] = x * cos[j, i] + (-o if i < half else o) * sin[j, i]
-                    local += qsum[h, i] * x
-                scores[h, ring[j]] += local
-                for a in range(g):
-                    acc = 0.0
-                    for i in range(d):
-                        acc += ql[h, a, i] * key[i]
-                    logits[a, j - lo] = acc
-            else:
-                for a in range(g):
-                    acc = 0.0
-                    for i in range(d):
-                        acc += qm[h, a, i] * pool[0, h, s, i]
-                    logits[a, j - lo] = acc
         for a in range(g):
             m = -np.inf
             for j in range(hi - lo):
                 m = max(m, logits[a, j])
             part_m[h, c, a] = m
-            if m == -np.inf:
-                continue
             total = 0.0
             for j in range(hi - lo):
-                if where[j] < 0:
-                    continue
                 p = math.exp(logits[a, j] - m)
                 total += p
                 s = where[j]
-                for i in range(d):
-                    part_o[h, c, a, i] += p * pool[1, h, s, i]
+                if lo + j < n_near:
+                    for i in range(d):
+                        part_o[h, c, a, i] += p * pool[1, h, s, i]
+                else:
+                    for i in range(d):
+                        part_o[h, c, a, i] += p * host[1, h, s, i]
             part_l[h, c, a] = total
     out = np.zeros((hkv, g, d), dtype=np.float32)
     for h in range(hkv):
@@ -144,15 +136,15 @@ def _attend(q, pool, slots, n_local, n_sink, span, held, ranked, keep, page_size
 
 
 def decode_attention(q: np.ndarray, pool: np.ndarray, slots: np.ndarray, n_local: int, n_sink: int,
-                     span: int, held: np.ndarray, ranked: np.ndarray, keep: np.ndarray, page_size: int,
-                     cos: np.ndarray, sin: np.ndarray, mem_pos: int, scale: float, scores: np.ndarray,
+                     host: np.ndarray, blocks: np.ndarray, keep: np.ndarray, page_size: int, cos: np.ndarray,
+                     sin: np.ndarray, mem_pos: int, scale: float, scores: np.ndarray,
                      ring: np.ndarray) -> np.ndarray:
     """Attention output float32 [Hkv, G, D] of ``q`` (float32 [Hkv, G, D]) as the module
-    docstring says. ``slots``, ``held`` [Hkv, k], ``ranked`` [Hkv, >= max(keep)], ``keep``
-    [Hkv], ``ring`` [n_local]: int64; ``pool`` float32; ``cos``, ``sin`` float32 [>=
-    max(n_local, mem_pos + 1), D]; ``scores`` float32 [Hkv, ring size], updated in place.
+    docstring says. ``slots`` [n_local + n_sink], ``blocks`` [Hkv, >= max(keep)], ``keep``
+    [Hkv], ``ring`` [n_local]: int64; ``pool``, ``host`` float32; ``cos``, ``sin`` float32
+    [>= max(n_local, mem_pos + 1), D]; ``scores`` float32 [Hkv, ring size], updated in place.
     ``n_local`` >= 1 (the query's own key is local)."""
-    return _attend(q, pool, slots, n_local, n_sink, span, held, ranked, keep, page_size, cos, sin, mem_pos,
+    return _attend(q, pool, slots, n_local, n_sink, host, blocks, keep, page_size, cos, sin, mem_pos,
                    np.float32(scale), scores, ring)
 
 
@@ -165,20 +157,23 @@ def _score(codes_k, codes_v, reps, per, start, stop, pool_k, pool_v, bounds, pag
     scores = np.empty((hkv, n), dtype=np.float32)
     bound = np.empty((hkv, g1 - g0), dtype=np.float32)
     inv = np.empty(hkv, dtype=np.float32)
+    pos, neg = np.maximum(probe, 0), np.minimum(probe, 0)
     for h in range(hkv):
         norm = 0.0
         for i in range(d):
             norm += probe[h, i] * probe[h, i]
         inv[h] = 1.0 / (127.0 * max(math.sqrt(norm), 1e-30))
-    n_chunks = (n + CHUNK - 1) // CHUNK
-    for t in numba.prange(hkv * (n_chunks + 1)):
-        h, c = t // (n_chunks + 1), t % (n_chunks + 1)
-        if c == n_chunks:  # the head's group bounds
-            for g in range(g0, g1):
+    # tasks of about equal bytes: CHUNK blocks' int8 codes, or CHUNK // 8 groups' fp32 bounds
+    n_chunks, n_groups = (n + CHUNK - 1) // CHUNK, (g1 - g0 + CHUNK // 8 - 1) // (CHUNK // 8)
+    for t in numba.prange(hkv * (n_chunks + n_groups)):
+        h, c = t // (n_chunks + n_groups), t % (n_chunks + n_groups)
+        if c >= n_chunks:  # group bounds: max where the probe is positive, min where negative
+            lo = g0 + (c - n_chunks) * (CHUNK // 8)
+            for g in range(lo, min(g1, lo + CHUNK // 8)):
                 s = bounds[g // page_size] * page_size + g % page_size
                 acc = 0.0
                 for i in range(d):
-                    acc += max(probe[h, i] * pool_k[h, s, i], probe[h, i] * pool_v[h, s, i])
+                    acc += pos[h, i] * pool_v[h, s, i] + neg[h, i] * pool_k[h, s, i]
                 bound[h, g - g0] = acc
             continue
         for b in range(start + c * CHUNK, min(stop, start + (c + 1) * CHUNK)):
@@ -209,27 +204,59 @@ def score_blocks(codes_k: np.ndarray, codes_v: np.ndarray, reps: np.ndarray, per
                   probe)
 
 
-@numba.njit(nogil=True, cache=True)
-def _cutoff(scores, k_min, k_max):  # pragma: no cover - compiled
-    hkv, n = scores.shape
-    keep = np.empty(hkv, dtype=np.int64)
-    for h in range(hkv):
-        m = -np.inf
-        for j in range(n):
-            m = max(m, scores[h, j])
-        total = 0.0
-        for j in range(n):
-            total += math.exp(scores[h, j] - m)
-        entropy = 0.0
-        for j in range(n):
-            p = math.exp(scores[h, j] - m) / total
-            entropy -= p * math.log(p + 1e-10)
-        frac = math.exp(10.0 * (2.0 / (1.0 + math.exp(-10.0 * (entropy - math.log(n)))) - 1.0))
-        keep[h] = min(max(np.rint(k_min + (k_max - k_min) * frac), k_min), k_max)
-    return keep
-
-
 def cutoff(scores: np.ndarray, k_min: int, k_max: int) -> np.ndarray:
     """ActQKV's dynamic cut-off (``hetero.policies.actqkv.dynamic_blocks``, whose tensor ops
-    are its oracle) of float32 ``scores`` [Hkv, n], ``k_min <= k_max <= n``: int64 [Hkv]."""
-    return _cutoff(scores, k_min, k_max)
+    are its oracle) of float32 ``scores`` [Hkv, n], ``k_min <= k_max <= n``: int64 [Hkv].
+    The entropy of the softmax ``p = e^x / z`` (``x`` the scores less their maximum) is
+    ``log z - Σ p·x``: one exp per score, vectorised by numpy."""
+    x = scores.astype(np.float64)
+    x -= x.max(1, keepdims=True)
+    e = np.exp(x)
+    z = e.sum(1)
+    entropy = np.log(z) - (e * x).sum(1) / z
+    frac = np.exp(10 * (2 / (1 + np.exp(-10 * (entropy - math.log(scores.shape[1])))) - 1))
+    return np.clip(np.rint(k_min + (k_max - k_min) * frac), k_min, k_max).astype(np.int64)
+
+
+@numba.njit(nogil=True, cache=True)
+def _select(scores, bound, start, group, bound_top, forced, keep, k_max):  # pragma: no cover - compiled
+    hkv, n = scores.shape
+    blocks = np.full((hkv, k_max), -1, dtype=np.int64)
+    for h in range(hkv):
+        rank = scores[h].copy()
+        taken = np.zeros(bound.shape[1], dtype=np.bool_)
+        for _ in range(min(bound_top, bound.shape[1])):  # the groups of highest bound: every block in
+            best = -1
+            for g in range(bound.shape[1]):
+                if not taken[g] and (best < 0 or bound[h, g] > bound[h, best]):
+                    best = g
+            taken[best] = True
+            first = (start // group + best) * group - start
+            for b in range(max(first, 0), min(first + group, n)):
+                rank[b] = scores[h, b] + forced
+        k = keep[h]
+        if k <= 0:
+            continue
+        threshold = np.partition(rank, n - k)[n - k] if k < n else -np.inf  # the k-th highest
+        m = 0
+        for b in range(n):
+            if rank[b] > threshold:
+                blocks[h, m] = start + b
+                m += 1
+        for b in range(n):
+            if m == k:
+                break
+            if rank[b] == threshold:
+                blocks[h, m] = start + b
+                m += 1
+    return blocks
+
+
+def select_blocks(scores: np.ndarray, bound: np.ndarray, run: range, group: int, bound_top: int, forced: float,
+                  keep: np.ndarray, k_max: int) -> np.ndarray:
+    """Each KV head's first ``keep[h]`` blocks (absolute indices, in no order; int64 [Hkv,
+    k_max], -1 past them) of ``run`` by actqkv's ranking (``hetero.policies.actqkv``'s
+    ``ranked`` and ``topk``, its oracle): the highest ``scores`` [Hkv, len(run)], those of the
+    blocks of the head's ``bound_top`` groups of highest ``bound`` [Hkv, groups] raised by
+    ``forced``. Linear in the blocks (a partition, not a sort)."""
+    return _select(scores, bound, run.start, group, bound_top, np.float32(forced), keep, k_max)

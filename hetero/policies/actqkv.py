@@ -47,9 +47,11 @@ cut-off keeps, per KV head,
 best blocks (rounded), ``H`` the entropy of the softmax of the ``n`` block scores,
 ``K_min = min(n, min_blocks)``: flat scores keep more blocks, peaked ones fewer
 (:func:`dynamic_blocks`; the formula of ActQKV's code, whose active version uses a minimum
-of 32). The head cache holds all ``top_blocks``; the cut-off leaves the rest out on the
-device. On the CPU one numba call (``cpu_kernels.block_memory``) runs a layer's decode
-attention.
+of 32). On a GPU the head cache holds all ``top_blocks`` (fetched from the host tier) and
+the cut-off leaves the rest out on the device. On the CPU the host tier is the device's own
+memory, so nothing is copied: ``cpu_kernels.block_memory`` scores the blocks, selects each
+head's kept ones (a partition, linear in the blocks) and attends over them where they lie in
+the host tier, one numba call each per layer; the head cache is then only prefill's.
 The prompt's last token is fed as a decode step (the engine's windowed prefill), so the
 token whose logits are sampled picks its memory by its own query.
 
@@ -78,7 +80,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cpu_kernels.block_memory import cutoff, decode_attention, score_blocks
+from cpu_kernels.block_memory import cutoff, decode_attention, score_blocks, select_blocks
 from gpu_kernels import merge_partials, prior_attention
 from hetero.cache import KVStore
 from hetero.config import ModelConfig
@@ -88,6 +90,7 @@ from hetero.policies.base import DecodeStep, PagedState, Policy, StepPlan
 from hetero.policies.quest import HeadSlots, fetch_head_pages
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+FORCED = 3.0  # added to a bound-selected block's score: above any cosine (int8 codes: |cos| <= 1.01)
 
 
 def probe_query(q: Tensor, mean: Tensor | None, var: Tensor | None, count: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -328,7 +331,8 @@ class ActQKVPolicy(PagedState, Policy):
     def ranked(self, store: KVStore, seq_id: int, layer: int, probe: Tensor, run: range) -> tuple[Tensor, Tensor]:
         """``(scores, rank)`` [Hkv, len(run)] of the offloaded blocks for ``probe`` [Hkv, D]:
         the representatives' cosine similarity (:meth:`scores`), and the same with the blocks
-        of each head's ``bound_top`` groups of highest bound set to +inf: what the selection
+        of each head's ``bound_top`` groups of highest bound raised by ``FORCED`` above every
+        other (in their own order): what the selection
         takes its top blocks by."""
         scores, bound = self.scores(store, seq_id, layer, probe, run)
         if not self.bound_top:
@@ -336,7 +340,8 @@ class ActQKVPolicy(PagedState, Policy):
         grp = self.bound_group
         top = bound.topk(min(self.bound_top, bound.shape[1]), dim=1, sorted=False).indices
         blocks = (top[..., None] + run.start // grp) * grp + torch.arange(grp, device=top.device) - run.start
-        return scores, scores.scatter(1, blocks.flatten(1).clamp_(0, len(run) - 1), float("inf"))
+        forced = torch.zeros_like(scores).scatter_(1, blocks.flatten(1).clamp_(0, len(run) - 1), FORCED)
+        return scores, scores + forced
 
     def head_slots(self, store: KVStore, seq_id: int, layer: int, k: int) -> HeadSlots:
         """The layer's head cache for ``k`` blocks per KV head ((re)allocated as ``k`` grows)."""
@@ -391,7 +396,8 @@ class ActQKVPolicy(PagedState, Policy):
                        scale: float, last: bool) -> tuple[Tensor, Tensor]:
         """The window's partial over the sinks and its top blocks (per KV head) at the memory
         distance. The last window's head cache (``final_blocks``) shrinks back to
-        ``top_blocks`` after it, so that only one layer at a time holds the larger one."""
+        ``top_blocks`` after it (on the CPU, whose decode reads the host tier, it goes), so
+        that only one layer at a time holds the larger one."""
         state, ps = self._state(store, seq_id), store.page_size
         c, hq, d = q.shape
         hkv = store.cfg.n_kv_heads
@@ -408,7 +414,11 @@ class ActQKVPolicy(PagedState, Policy):
         pages = store.tables[seq_id].layers[layer][: run.start] + slots.pages
         table = store.device.tensor(pages, torch.int32)
         out = prior_attention(qm, store.k, store.v, table, len(pages) * ps, scale, ps)
-        self.head_slots(store, seq_id, layer, min(self.top_blocks, len(run)))
+        if last and _kernel_runs(store.kv):  # the CPU's decode reads the host tier: no head cache
+            store.free(slots.pages)
+            state.heads[layer] = None
+        else:
+            self.head_slots(store, seq_id, layer, min(self.top_blocks, len(run)))
         return out
 
     def _score_local(self, state: _SeqState, layer: int, qs: Tensor, keys: Tensor, base: int, start: int) -> None:
@@ -433,6 +443,7 @@ class ActQKVPolicy(PagedState, Policy):
         local tokens' places in the score ring. All from host-side state, one upload. Clears
         the new tokens' local scores."""
         store, ps, n_layers = step.store, step.store.page_size, step.store.cfg.n_layers
+        in_place = _kernel_runs(store.kv)  # the CPU reads the blocks from the host tier: no head cache
         offsets = np.arange(ps)
         rows, rings, work = [], [], [[] for _ in range(n_layers)]
         for b, (s, t) in enumerate(zip(step.seq_ids, step.tables)):
@@ -447,6 +458,7 @@ class ActQKVPolicy(PagedState, Policy):
                 span = None
                 if run:
                     sinks = (np.array(pages[: run.start])[:, None] * ps + offsets).ravel()
+                if run and not in_place:
                     held = self.head_slots(store, s, layer, kk).pages
                     if held[-1] - held[0] == kk - 1:  # one run: read as a view
                         span = (held[0] * ps, (held[-1] + 1) * ps)
@@ -469,36 +481,37 @@ class ActQKVPolicy(PagedState, Policy):
     def _decode(self, layer: int, q: Tensor, plan: _ActPlan, w: _Seq) -> Tensor:
         """Attention output [Hq, D] of one sequence's query ``q`` [Hq, D] (before the rotary
         embedding): one softmax over the local window at true relative positions and the
-        memory (sinks, head cache) at the fixed distance, the blocks past each head's
-        cut-off left out. Adds the local keys' scores to the ring. A float32 CPU pool runs
-        ``cpu_kernels.block_memory`` (one call); other devices and dtypes the tensor ops
-        below, its oracle."""
+        memory (sinks, each KV head's selected blocks) at the fixed distance, the blocks past
+        each head's cut-off left out. Adds the local keys' scores to the ring. A float32 CPU
+        pool runs ``cpu_kernels.block_memory`` (selection and attention, reading the blocks
+        in the host tier); other devices and dtypes the tensor ops below, its oracle, through
+        the head cache."""
         store, ps = plan.step.store, plan.step.store.page_size
         hq, d = q.shape
         hkv = store.cfg.n_kv_heads
         qg = q.view(hkv, -1, d)
         state = self._seqs[w.seq_id]
         cos, sin = self._rope_at(max(w.n_local, self.n_local + 1), q.dtype, q.device)
-        ranked = keep = None
-        if w.run:  # select and fetch the blocks first: the reads below see the head cache
-            qm = apply_rope(qg, *self._memory_rotation(q.dtype, q.device))
-            ranked, keep = self._select(store, w, layer, qm.sum(1))
-            self._keys_read.add(keep.sum() * (ps * (hq // hkv)))
-        self._keys_read.add(hq * (w.n_local + w.n_sink))
-        self._keys_seen.add(hq * plan.step.n_tokens[w.b])
-        held = state.heads[layer].held if w.run else None
+        probe = apply_rope(qg, *self._memory_rotation(q.dtype, q.device)).sum(1) if w.run else None
         row = plan.index[w.row]
         ring = plan.index[len(plan.index) - len(plan.step.seq_ids) + w.b, : w.n_local]
-        if _kernel_runs(store.kv):
-            if not w.run:  # nothing in memory: no cache pages
-                held = ranked = torch.zeros((hkv, 0), dtype=torch.int64)
-                keep = torch.zeros(hkv, dtype=torch.int64)
-            out = decode_attention(
-                qg.float().numpy(), store.kv.numpy(), row.numpy(), w.n_local, w.n_sink,
-                w.span[0] if w.span else -1, held.numpy(), ranked.numpy(), keep.numpy(), ps, cos[:, 0].numpy(),
-                sin[:, 0].numpy(), self.n_local, plan.step.scale, state.scores[layer].numpy(), ring.numpy())
-            return torch.from_numpy(out).view(hq, d)
-        return self._decode_tensors(store, layer, qg, plan.step.scale, w, row, ring, held, ranked, keep, cos, sin)
+        self._keys_seen.add(hq * plan.step.n_tokens[w.b])
+        self._keys_read.add(hq * (w.n_local + w.n_sink))
+        if not _kernel_runs(store.kv):
+            ranked, keep = self._select(store, w, layer, probe) if w.run else (None, None)
+            if w.run:
+                self._keys_read.add(keep.sum() * (ps * (hq // hkv)))  # a device count
+            held = state.heads[layer].held if w.run else None
+            return self._decode_tensors(store, layer, qg, plan.step.scale, w, row, ring, held, ranked, keep, cos, sin)
+        blocks, keep, host = np.zeros((hkv, 0), dtype=np.int64), np.zeros(hkv, dtype=np.int64), store.kv
+        if w.run:
+            blocks, keep = self._select_in_place(store, w, layer, probe)
+            host = store.host_tier(w.seq_id)[layer]
+            self._keys_read.add(int(keep.sum()) * ps * (hq // hkv))
+        out = decode_attention(qg.float().numpy(), store.kv.numpy(), row.numpy(), w.n_local, w.n_sink, host.numpy(),
+                               blocks, keep, ps, cos[:, 0].numpy(), sin[:, 0].numpy(), self.n_local,
+                               plan.step.scale, state.scores[layer].numpy(), ring.numpy())
+        return torch.from_numpy(out).view(hq, d)
 
     def _decode_tensors(self, store: KVStore, layer: int, qg: Tensor, scale: float, w: _Seq, row: Tensor,
                         ring: Tensor, held: Tensor | None, ranked: Tensor | None, keep: Tensor | None, cos: Tensor,
@@ -536,10 +549,16 @@ class ActQKVPolicy(PagedState, Policy):
         slots = self._seqs[w.seq_id].heads[layer]
         top = rank.topk(slots.held.shape[1], dim=1, sorted=True).indices.add_(w.run.start)  # best first
         fetch_head_pages(store, w.seq_id, layer, slots, top)
-        if _kernel_runs(store.kv):
-            k_range = cutoff_range(scores.shape[1], self.min_blocks, self.top_blocks)
-            return top, torch.from_numpy(cutoff(scores.numpy(), *k_range))
         return top, dynamic_blocks(scores, self.min_blocks, self.top_blocks)
+
+    def _select_in_place(self, store: KVStore, w: _Seq, layer: int, probe: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_select` on the CPU, where the blocks are read in the host tier: each KV
+        head's kept blocks themselves (int64 [Hkv, top_blocks], -1 past them) and how many
+        (int64 [Hkv]), by ``cpu_kernels.block_memory``."""
+        scores, bound = (t.numpy() for t in self.scores(store, w.seq_id, layer, probe, w.run))
+        k_min, k_max = cutoff_range(len(w.run), self.min_blocks, self.top_blocks)
+        keep = cutoff(scores, k_min, k_max)
+        return select_blocks(scores, bound, w.run, self.bound_group, self.bound_top, FORCED, keep, k_max), keep
 
 
 def _codes(store: KVStore) -> tuple[Tensor, Tensor]:

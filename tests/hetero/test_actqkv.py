@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_kernels.block_memory import cutoff
+from cpu_kernels.block_memory import cutoff, select_blocks
 
 from hetero import LLM, SamplingParams
 from hetero.model import apply_rope
@@ -124,7 +124,8 @@ def _offloaded(k, scores, batches):
 def test_scores_are_the_representatives_cosine_and_the_groups_key_bounds(monkeypatch, kernel):
     """Bounds widen page by page across offload batches, over the offloaded pages only
     (group 0 holds the sink page); representatives are int8 codes of the unit mean of each
-    page's top keys; the bound's best group per head comes first in the ranking."""
+    page's top keys; the bound's best group per head comes first in the ranking, raised by
+    ``FORCED``."""
     monkeypatch.setattr(actqkv, "_kernel_runs", lambda pool: kernel)
     torch.manual_seed(0)
     k = torch.randn(N, 2, 8)
@@ -146,13 +147,34 @@ def test_scores_are_the_representatives_cosine_and_the_groups_key_bounds(monkeyp
                 want.append(torch.maximum(probe[h] * keys.amax(0), probe[h] * keys.amin(0)).sum())
             torch.testing.assert_close(bound[h], torch.stack(want), atol=1e-5, rtol=1e-5)
             best = int(torch.stack(want).argmax())
-            assert set(torch.nonzero(rank[h].isinf())[:, 0].tolist()) == {
+            assert set(torch.nonzero(rank[h] - scores[h] == actqkv.FORCED)[:, 0].tolist()) == {
                 p - run.start for p in range(4 * best, 4 * best + 4) if p in run}
             for p in run:
                 top = local[h, p * PS : (p + 1) * PS].topk(2).indices
                 rep = torch.nn.functional.normalize(pages[p, top, h].mean(0), dim=0)
                 assert abs(scores[h, p - run.start] - rep @ probe[h] / probe[h].norm()) < 0.02  # int8 codes
     torch.testing.assert_close(policy.scores(store2, 0, 0, probe, run)[1], bound)  # batches or not
+
+
+@pytest.mark.parametrize("n, top", [(45, 12), (45, 3), (9, 9), (700, 128)])
+def test_the_cpus_selection_keeps_the_rankings_top_blocks(monkeypatch, n, top):
+    """``select_blocks`` (numba, linear) keeps each head's first ``keep[h]`` blocks of the
+    tensor ops' ranking (``ranked`` and a sorted top-k): the bound's groups first (more of
+    them than ``keep`` when ``top`` is 3), then the best scores."""
+    torch.manual_seed(n + top)
+    run = range(4, 4 + n)
+    policy = ActQKVPolicy(top_blocks=top, min_blocks=min(2, top))
+    scores = torch.rand(3, n) * 2 - 1
+    bound = torch.randn(3, (run.stop - 1) // policy.bound_group + 1)
+    monkeypatch.setattr(ActQKVPolicy, "scores", lambda self, *args: (scores, bound))
+    rank = policy.ranked(None, 0, 0, None, run)[1]
+    keep = torch.randint(1, top + 1, (3,)).numpy()
+    got = select_blocks(scores.numpy(), bound.numpy(), run, policy.bound_group, policy.bound_top, actqkv.FORCED,
+                        keep, top)
+    for h in range(3):
+        want = rank[h].topk(int(keep[h])).indices + run.start
+        assert sorted(got[h, : keep[h]].tolist()) == sorted(want.tolist())
+        assert (got[h, keep[h] :] == -1).all()
 
 
 def test_the_bound_keeps_a_block_whose_representative_misses_its_outlier_key():
@@ -243,7 +265,25 @@ def test_bounded_positions_with_every_block_selected_equal_the_oracle(tiny_model
     got = llm.decode_logprobs(context, cont)
     want = ref[150:199].gather(1, torch.tensor(cont[1:])[:, None])[:, 0]
     np.testing.assert_allclose(got, want.numpy(), atol=2e-4)
-    assert llm.memory_report()["h2d_bytes"] > 0  # the memory came through the head cache
+    assert llm.memory_report()["h2d_bytes"] > 0  # prefill's memory came through the head cache
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["numba", "tensor-ops"])
+def test_the_cpus_decode_reads_the_host_tier_in_place(tiny_model_dir, monkeypatch, kernel):
+    """On the CPU, decode attends over the kept blocks where they lie in the host tier: no
+    host-to-device bytes, where the tensor ops (a GPU's path) fetch them into the head cache."""
+    monkeypatch.setattr(actqkv, "_kernel_runs", lambda pool: kernel)
+    llm = _llm(tiny_model_dir)
+    ids = llm.tokenizer(TEXT)["input_ids"]
+    traffic = llm.store.device.traffic
+    moved = []
+    for n_decode in (2, 40):  # the same prefill, then more decode steps
+        before = traffic.h2d_bytes
+        llm.decode_logprobs(ids[:300], ids[300 : 300 + n_decode])
+        moved.append(traffic.h2d_bytes - before)
+    assert (moved[1] == moved[0]) == kernel
+    read, seen = llm.policy.key_counts()
+    assert 0 < read < seen
 
 
 def test_nothing_past_the_local_window_is_exact(tiny_model_dir):
@@ -257,8 +297,9 @@ def test_nothing_past_the_local_window_is_exact(tiny_model_dir):
 
 
 def test_the_decode_kernel_equals_the_tensor_ops_with_a_sparse_selection(tiny_model_dir, monkeypatch):
-    """4 of ~40 blocks per head, the cut-off keeping 2 to 4: the numba kernel counts the same
-    head-cache pages as the tensor ops' mask, and leaves the same local scores."""
+    """4 of ~40 blocks per head, the cut-off keeping 2 to 4: the numba kernels select and
+    read in the host tier the blocks that the tensor ops fetch into the head cache and keep
+    past their mask, and leave the same local scores."""
     ids = _llm(tiny_model_dir).tokenizer(TEXT)["input_ids"]
     runs = []
     for kernel in (True, False):
