@@ -5,7 +5,9 @@ the sparse systems against exact attention, at several KV budgets.
   full attention), at several depths; accuracy per budget.
 - attention_error: relative error of each decode step's attention output against exact
   attention over the whole KV (``hetero.probe.AttentionProbe``; hetero only, the sparse
-  layers only).
+  layers only). magicpig and, within the trained context, actqkv run at their defaults and
+  the others at the keys they touched (``attention_error_matched``, each row naming the
+  system it is ``matched`` to).
 - perplexity: teacher-forced perplexity of a real continuation through the system's decode
   attention (``LLM.decode_logprobs``), and its delta against the same family's exact run (hetero dense for hetero,
   HF without a press for kvpress).
@@ -17,6 +19,7 @@ keeps the same share of all KV (``systems.kv_share``).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from bench import peers
 from bench.corpus import needle_cases
@@ -28,6 +31,11 @@ from hetero.probe import TopKOracle, probe_attention
 SPARSE = ("quest", "streaming")
 ORACLE = System("oracle-topk", "hetero", "oracle token top-k (exact scores; a bound, not a runtime)",
                 {"policy": "dense"}, sparse=True)
+EVERY_BLOCK = 100_000  # more blocks than any error context has
+ACTQKV = hetero("actqkv", dense_layers=0)  # at its defaults; keeps no layer dense
+ACTQKV_EVERY_BLOCK = replace(
+    hetero("actqkv", dense_layers=0, top_blocks=EVERY_BLOCK, min_blocks=EVERY_BLOCK, final_blocks=EVERY_BLOCK),
+    name="hetero-actqkv-every-block", label="hetero actqkv, every block selected (bounded positions alone)")
 KVPRESS_EXACT = System("kvpress-none", "kvpress", "HF in the kvpress venv, no press (exact)",
                        {"press": None})
 
@@ -65,8 +73,8 @@ class _Fidelity:
 
     def row(self, system: System, test: str, context: int, fraction: float | None,
             metrics: dict, **extra) -> None:
-        share = 1.0 if fraction is None else kv_share(_budget(fraction, context) / context,
-                                                      self.plan.dense_layers)
+        dense = system.params.get("dense_layers", self.plan.dense_layers)
+        share = 1.0 if fraction is None else kv_share(_budget(fraction, context) / context, dense)
         self.rows.append({"system": system.name, "test": test, "context": context,
                           "fraction": fraction, "kv_fraction": share,
                           "labels": self.s.labels(context), "metrics": metrics, **extra})
@@ -103,46 +111,89 @@ class _Fidelity:
 
     def hetero_error(self, bar) -> None:
         """Attention error of quest and streaming at every budget; of magicpig at its
-        defaults; of oracle token top-k at those budgets and at the keys magicpig touched;
-        and of quest and streaming at magicpig's keys touched (the paper's comparison)."""
-        plan, cfg = self.plan, self.s.config
+        defaults and, within the trained context, of actqkv at its defaults and with every
+        block selected; of oracle token top-k at those budgets and at the keys magicpig and
+        actqkv touched; and of quest and streaming at those keys touched (the paper's
+        comparison). Errors are over the layers ``>= dense_layers`` for every system, actqkv
+        (which keeps none dense) included."""
+        plan = self.plan
         for n in plan.error_contexts:
-            ids, steps = self.s.text_ids(n), plan.error_steps
-            bar.set_postfix_str(f"attention error magicpig {n} tok")
-            pig = _magicpig(plan)
-            llm = self.llm(pig, n + steps + 16)
-            read0, _ = llm.policy.key_counts()
-            probe = probe_attention(llm, ids, steps)
-            read = llm.policy.key_counts()[0] - read0
-            calls = steps * (cfg.n_layers - plan.dense_layers)
-            touched = round(probe.mean_resident(plan.dense_layers) + read / (cfg.n_heads * calls))
-            llm.close()
-            self.error_row(pig, n, touched / n, probe.step_errors(plan.dense_layers),
-                           keys_touched=touched)
-            bar.update()
+            ids = self.s.text_ids(n)
+            matched = {_magicpig(plan).name: self.magicpig_error(n, ids, bar)}
+            if n <= self.s.trained:
+                matched[ACTQKV.name] = self.actqkv_error(ACTQKV, n, ids, bar)
+                self.actqkv_error(ACTQKV_EVERY_BLOCK, n, ids, bar)
+            points = [(f, _budget(f, n), None) for f in plan.fractions]
+            points += [(touched / n, touched, name) for name, touched in matched.items()]
+            self.budget_errors(n, ids, points, bar)
 
-            fractions = {**{f: _budget(f, n) for f in plan.fractions}, touched / n: touched}
-            bar.set_postfix_str(f"attention error oracle top-k {n} tok")
-            llm = self.llm(hetero("dense"), n + steps + 16)
-            oracle = TopKOracle(sorted(set(fractions.values())), plan.dense_layers)
-            probe_attention(llm, ids, steps, oracle)
-            for f, budget in fractions.items():
-                self.error_row(ORACLE, n, f, oracle.step_errors(budget), keys_touched=budget)
-            bar.update()
+    def budget_errors(self, n: int, ids: list[int], points: list[tuple[float, int, str | None]], bar) -> None:
+        """Attention error of oracle token top-k (one dense run), quest and streaming over
+        ``ids`` (``n`` tokens) at each of ``points``: (fraction, keys per query head, the
+        system whose keys touched set it or None)."""
+        plan, steps = self.plan, self.plan.error_steps
+        bar.set_postfix_str(f"attention error oracle top-k {n} tok")
+        llm = self.llm(hetero("dense"), n + steps + 16)
+        oracle = TopKOracle(sorted({budget for _, budget, _ in points}), plan.dense_layers)
+        probe_attention(llm, ids, steps, oracle)
+        for f, budget, name in points:
+            self.error_row(ORACLE, n, f, oracle.step_errors(budget), name, keys_touched=budget)
+        bar.update()
+        for policy in SPARSE:
+            for f, budget, name in points:
+                system = _sparse(policy, budget, plan.dense_layers)
+                bar.set_postfix_str(f"attention error {system.name} {f:.3f} {n} tok")
+                probe = probe_attention(self.llm(system, n + steps + 16), ids, steps)
+                self.error_row(system, n, f, probe.step_errors(plan.dense_layers), name, keys_touched=budget)
+                bar.update()
 
-            for policy in SPARSE:
-                for f, budget in fractions.items():
-                    system = _sparse(policy, budget, plan.dense_layers)
-                    bar.set_postfix_str(f"attention error {system.name} {f:.3f} {n} tok")
-                    probe = probe_attention(self.llm(system, n + steps + 16), ids, steps)
-                    self.error_row(system, n, f, probe.step_errors(plan.dense_layers),
-                                   keys_touched=budget)
-                    bar.update()
+    def magicpig_error(self, n: int, ids: list[int], bar) -> int:
+        """Attention error of magicpig at its defaults over ``ids`` (``n`` tokens); returns the
+        keys it touched per query head in a sparse layer: the resident ones (sinks, window)
+        and those its workers read."""
+        plan, cfg = self.plan, self.s.config
+        bar.set_postfix_str(f"attention error magicpig {n} tok")
+        pig = _magicpig(plan)
+        llm = self.llm(pig, n + plan.error_steps + 16)
+        read0, _ = llm.policy.key_counts()
+        probe = probe_attention(llm, ids, plan.error_steps)
+        read = llm.policy.key_counts()[0] - read0
+        calls = plan.error_steps * (cfg.n_layers - plan.dense_layers)
+        touched = round(probe.mean_resident(plan.dense_layers) + read / (cfg.n_heads * calls))
+        llm.close()
+        self.error_row(pig, n, touched / n, probe.step_errors(plan.dense_layers), pig.name,
+                       keys_touched=touched)
+        bar.update()
+        return touched
 
-    def error_row(self, system: System, n: int, f: float, errors: list[float], **extra) -> None:
-        matched = f not in self.plan.fractions  # at the keys magicpig touched
-        self.row(system, "attention_error_matched" if matched else "attention_error", n, f,
-                 {"attention_error": summary(errors)}, params=system.params, **extra)
+    def actqkv_error(self, system: System, n: int, ids: list[int], bar) -> int:
+        """Attention error of an actqkv ``system`` over ``ids`` (``n`` tokens), in the layers
+        ``>= dense_layers`` as the others'; returns the keys it touched per query head and
+        layer: its own count (``key_counts``: local window, sinks, the blocks each KV head
+        kept past its cut-off) as a share of the keys it could have read, times ``n``. The
+        count spans every layer; actqkv's layers read alike (2,507 to 2,611 keys each at 4k
+        tokens), so it is what the layers the error is measured over read too."""
+        plan = self.plan
+        bar.set_postfix_str(f"attention error {system.name} {n} tok")
+        llm = self.llm(system, n + plan.error_steps + 16)
+        before = llm.policy.key_counts()
+        probe = probe_attention(llm, ids, plan.error_steps)
+        read, seen = (after - b for after, b in zip(llm.policy.key_counts(), before))
+        llm.close()
+        touched = round(n * read / seen)
+        self.error_row(system, n, touched / n, probe.step_errors(plan.dense_layers), ACTQKV.name,
+                       keys_touched=touched)
+        bar.update()
+        return touched
+
+    def error_row(self, system: System, n: int, f: float, errors: list[float], matched: str | None,
+                  **extra) -> None:
+        """A row of ``attention_error`` at a budget of the plan, or with ``matched`` (the
+        system whose keys touched set the budget) of ``attention_error_matched``."""
+        if matched is not None:
+            extra["matched"] = matched
+        test = "attention_error" if matched is None else "attention_error_matched"
+        self.row(system, test, n, f, {"attention_error": summary(errors)}, params=system.params, **extra)
 
     def hetero_ppl(self, bar) -> None:
         plan = self.plan
@@ -228,8 +279,10 @@ class _Fidelity:
         plan = self.plan
         n_cfg = 1 + len(SPARSE) * len(plan.fractions)
         per_error_context = 2 + len(SPARSE) * (len(plan.fractions) + 1)  # magicpig, oracle
+        per_actqkv = 2 + len(SPARSE)  # defaults, every block; quest and streaming at its keys
+        n_actqkv = sum(n <= self.s.trained for n in plan.error_contexts)
         hetero_n = (len(self.cases) * n_cfg + len(plan.error_contexts) * per_error_context
-                    + len(plan.ppl_contexts) * n_cfg)
+                    + n_actqkv * per_actqkv + len(plan.ppl_contexts) * n_cfg)
         per_press = len(plan.fractions) * (len(self.cases) + len(plan.ppl_contexts))
         kv_n = len(self.cases) + len(plan.ppl_contexts) + len(plan.fidelity_presses) * per_press
         return hetero_n + (kv_n if self.s.available(KVPRESS_EXACT) else 0)
@@ -244,7 +297,7 @@ def fidelity(session: Session) -> dict:
         f.hetero_ppl(bar)
         kv_systems = f.kvpress_all(bar)
     systems = [hetero("dense"), *(hetero(p, dense_layers=session.plan.dense_layers) for p in SPARSE),
-               _magicpig(session.plan), ORACLE, *kv_systems]
+               _magicpig(session.plan), ACTQKV, ACTQKV_EVERY_BLOCK, ORACLE, *kv_systems]
     doc = session.doc("fidelity", systems, {"needle_prompt_tokens": [len(c) + len(q) for _, c, q in f.cases]})
     doc["rows"] = f.rows
     return doc

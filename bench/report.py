@@ -193,21 +193,7 @@ def fidelity_section(doc: dict) -> list[str]:
         lines += _table(["system", "context", *cols], grid(
             rows, lambda r: _cell(r["metrics"]["attention_error"], "{:.3f}"), ("system", "context")))
     if rows := by_test.get("attention_error_matched"):
-        lines += ["Sampling against top-k at equal keys touched: magicpig at its defaults, and "
-                  "the others given the keys it touched per query head (sinks and window "
-                  "included). Oracle top-k picks each head's keys by their true scores.", ""]
-        by_ctx = defaultdict(dict)
-        for r in rows:
-            by_ctx[r["context"]][r["system"]] = r
-        systems = sorted({r["system"] for r in rows}, key=lambda n: (n != "hetero-magicpig", n))
-        table = []
-        for n, by_sys in sorted(by_ctx.items()):
-            touched = next(iter(by_sys.values()))["keys_touched"]
-            table.append([str(n), f"{touched} ({100 * touched / n:.1f}%)", *(
-                _err_or(by_sys.get(name), _cell((by_sys.get(name) or {}).get("metrics", {})
-                                                .get("attention_error"), "{:.3f}"))
-                for name in systems)])
-        lines += _table(["context", "keys touched", *(_label(doc, n) for n in systems)], table)
+        lines += _matched_tables(doc, rows)
     if rows := by_test.get("perplexity"):
         lines += ["Perplexity of a real continuation scored through decode attention (teacher "
                   "forced), and its change against the same family's exact run.", ""]
@@ -215,6 +201,42 @@ def fidelity_section(doc: dict) -> list[str]:
             rows, lambda r: f"{r['metrics']['perplexity']['median']:.2f} "
                             f"(Δ {r['metrics']['perplexity_delta']['median']:+.2f})",
             ("system", "context")))
+    return lines
+
+
+MATCHED_NOTES = {  # the system whose keys touched set the others' budget -> what its table shows
+    "hetero-magicpig": "Sampling against top-k at equal keys touched: magicpig at its defaults, and "
+                       "the others given the keys it touched per query head (sinks and window "
+                       "included). Oracle top-k picks each head's keys by their true scores.",
+    "hetero-actqkv": "Bounded positions and block retrieval against top-k at equal keys touched, "
+                     "within the trained context: actqkv at its defaults, and the others given "
+                     "the keys it touched per query head and layer (sinks, window and the blocks "
+                     "each head kept). actqkv keeps no layer dense; its error is over the same "
+                     "layers as the others'. With every block selected it reads every key: its "
+                     "error is the bounded positions' alone.",
+}
+
+
+def _matched_tables(doc: dict, rows: list[dict]) -> list[str]:
+    """One table per system whose keys touched set the others' budget (a row's ``matched``;
+    magicpig's in documents that do not name it): per context, that system first (and its
+    variants), then the others at its keys touched."""
+    lines = []
+    by_ref = defaultdict(lambda: defaultdict(dict))  # matched -> context -> system -> row
+    for r in rows:
+        by_ref[r.get("matched", "hetero-magicpig")][r["context"]][r["system"]] = r
+    for ref, by_ctx in by_ref.items():
+        systems = sorted({name for by_sys in by_ctx.values() for name in by_sys},
+                         key=lambda name: (name != ref, not name.startswith(ref), name))
+        table = []
+        for n, by_sys in sorted(by_ctx.items()):
+            touched = by_sys[ref]["keys_touched"]
+            table.append([str(n), f"{touched} ({100 * touched / n:.1f}%)", *(
+                _err_or(by_sys.get(name), _cell((by_sys.get(name) or {}).get("metrics", {})
+                                                .get("attention_error"), "{:.3f}"))
+                for name in systems)])
+        lines += [MATCHED_NOTES.get(ref, f"At the keys {_label(doc, ref)} touched."), ""]
+        lines += _table(["context", "keys touched", *(_label(doc, name) for name in systems)], table)
     return lines
 
 

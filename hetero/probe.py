@@ -4,7 +4,10 @@
 ``AttentionProbe`` runs after the policy at every decode step and layer: it computes exact
 attention over the whole KV (wherever it lives), records the relative error
 ``||o - o_exact|| / ||o_exact||`` per sequence, and returns the exact output for the model to
-go on with, so errors do not compound and every policy sees the same hidden states.
+go on with, so errors do not compound and every policy sees the same hidden states. Exact
+means the model's own attention, causal at true positions: under a policy with bounded
+positions (``actqkv``), whose keys are stored and whose query arrives before the rotary
+embedding, the reference rotates them itself (:func:`true_position_attention`).
 ``TopKOracle`` does the same for oracle token top-k attention (the best any choice of k keys
 per head can do by score, the baseline of the MagicPIG paper), on a run that keeps the whole
 KV. ``time_decode_steps`` records the wall time of each decode step.
@@ -25,7 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from hetero.cache import OFFLOADED
+from hetero.cache import OFFLOADED, KVStore
+from hetero.model import Rope, apply_rope
 from hetero.policies import StepPlan, exact_attention
 from hetero.sampling import SamplingParams
 
@@ -69,26 +73,55 @@ class _ExactHook(ABC):
     exact attention in its place."""
 
     stream_pages = 64  # offloaded pages fetched at a time: the policy's, once attached
+    rope: Rope | None = None  # the reference's rotary embedding, once attached to bounded positions
 
     @contextmanager
     def attach(self, llm: LLM) -> Iterator:
         """This probe in ``llm``'s attention hooks for the ``with`` block."""
         engine = llm.engine
         self.stream_pages = engine.policy.stream_pages
+        self.rope = Rope(engine.store.cfg) if engine.policy.bounded_positions else None
         with hooked(engine.attention_hooks, self):
             yield self
 
     def exact(self, layer: int, q: Tensor, plan: StepPlan) -> Tensor:
-        """Exact attention [B, Hq, D] of ``q`` [B, Hq, D] over each sequence's whole KV."""
+        """Exact attention [B, Hq, D] of ``q`` [B, Hq, D] over each sequence's whole KV (keys
+        and query before the rotary embedding under bounded positions)."""
         step = plan.step
         return torch.cat([
             exact_attention(step.store, layer, s, q[b : b + 1], n - 1, step.scale, self.stream_pages)[0]
+            if self.rope is None else true_position_attention(step.store, layer, s, q[b], n, step.scale, self.rope)
             for b, (s, n) in enumerate(zip(step.seq_ids, step.n_tokens))
         ])
 
     @abstractmethod
     def __call__(self, layer: int, q: Tensor, plan: StepPlan, out: Tensor) -> Tensor:
         """Measure ``out`` of one layer; return the exact output to go on with."""
+
+
+def true_position_attention(store: KVStore, layer: int, seq_id: int, q: Tensor, n: int, scale: float,
+                            rope: Rope) -> Tensor:
+    """Attention [1, Hq, D] of the query ``q`` [Hq, D] of token ``n - 1`` over keys ``0..n-1`` of
+    one layer of ``seq_id``, both before the rotary embedding (a policy with bounded
+    positions stores its keys so): the query rotated at ``n - 1`` and every key at its own
+    position, as the model attends without bounded positions.
+
+    Computed in float32 on the host, from the device pool's resident pages and the host
+    tier's offloaded ones (``KVStore.host_tier`` waits for the copies into it): it takes no
+    device pages, whatever the budget."""
+    ps, hkv = store.page_size, store.cfg.n_kv_heads
+    pages = torch.tensor(store.tables[seq_id].layers[layer][: -(-n // ps)]).repeat_interleave(ps)[:n]
+    slots = pages * ps + torch.arange(n) % ps  # each token's pool slot, where resident
+    away = pages == OFFLOADED
+    kv = torch.empty((2, hkv, n, q.shape[-1]))
+    kv[:, :, ~away] = store.kv[:, :, slots[~away].to(store.kv.device)].float().cpu()
+    if away.any():
+        kv[:, :, away] = store.host_tier(seq_id)[layer][:, :, :n][:, :, away].float()
+    cos, sin = rope.span(n, torch.float32, torch.device("cpu"))
+    k = apply_rope(kv[0].transpose(0, 1), cos, sin).transpose(0, 1)  # [Hkv, n, D]
+    qr = apply_rope(q.float().cpu(), cos[n - 1], sin[n - 1]).view(hkv, -1, q.shape[-1])
+    p = torch.softmax(qr @ k.transpose(1, 2) * scale, dim=-1)  # [Hkv, G, n]
+    return (p @ kv[1]).view(1, *q.shape).to(q.device, q.dtype)
 
 
 class AttentionProbe(_ExactHook):

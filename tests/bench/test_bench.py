@@ -171,6 +171,12 @@ def test_report_and_plots_from_a_recorded_result(recorded):
     matched = text[text.index("Sampling against top-k"):].splitlines()
     assert "| 2048 | 207 (10.1%) | 0.074 |" in matched[4]  # magicpig first, then the others
     assert "10.1" not in text[text.index("Attention-output error"):text.index("Sampling against")]
+    assert "0.120" not in text[text.index("Sampling against"):text.index("Bounded positions")]
+    bounded = text[text.index("Bounded positions"):].splitlines()  # actqkv's keys set the others'
+    assert bounded[2] == ("| context | keys touched | hetero actqkv | hetero actqkv, every block selected "
+                          "(bounded positions alone) | hetero quest | hetero streaming | oracle token top-k "
+                          "(exact scores; a bound, not a runtime) |")
+    assert bounded[4] == "| 2048 | 1650 (80.6%) | 0.120 | 0.140 | 0.010 | 0.030 | 0.002 |"
     assert "†" in text  # lengths beyond the trained context are marked speed-only
     for w in ("decode", "prefill", "fidelity", "memory"):
         png = (recorded / f"{w}.png").read_bytes()
@@ -293,6 +299,36 @@ def test_forced_decode_nll_matches_exact_prefill_scoring(tiny_model_dir):
     ref = llm.logprobs(ids).logprobs[len(ctx) : len(ctx) + len(cont) - 1]
     assert nll == pytest.approx(-sum(ref) / len(ref), abs=1e-4)
     assert llm.store.allocator.n_used == 0
+
+
+def test_actqkv_error_rows_count_its_keys_touched(tiny_model_dir):
+    """actqkv's keys touched are its own count as a share of the context: every block
+    selected, exactly the context; at a selection of 4 blocks, fewer. Its rows are matched to
+    it, its KV share is its keys touched (no layer dense), and its error is measured."""
+    from types import SimpleNamespace
+
+    from bench.fidelity import ACTQKV, ACTQKV_EVERY_BLOCK, _Fidelity
+    from bench.systems import policy_params
+    from hetero import LLM
+
+    small = dict(n_sink=8, n_local=32, window=16, top_blocks=4, min_blocks=2, n_repr=2)
+    f = _Fidelity.__new__(_Fidelity)
+    f.plan, f.rows = replace(QUICK, dense_layers=1, error_steps=3), []
+    f.s = SimpleNamespace(labels=lambda n: [])
+    f.llm = lambda system, max_len: LLM(tiny_model_dir, device="cpu", page_size=4, prefill_chunk=32,
+                                        policy="actqkv", policy_params={**small, **policy_params(system)})
+    bar = SimpleNamespace(set_postfix_str=lambda text: None, update=lambda n=1: None)
+    ids = f.llm(ACTQKV, 0).tokenizer("The quick brown fox jumps over the lazy dog. " * 20)["input_ids"][:150]
+    touched = f.actqkv_error(ACTQKV, 150, ids, bar)
+    assert f.actqkv_error(ACTQKV_EVERY_BLOCK, 150, ids, bar) == 150
+    assert 8 + 32 < touched < 150
+    selected, every = f.rows
+    assert (selected["keys_touched"], every["keys_touched"]) == (touched, 150)
+    assert selected["kv_fraction"] == pytest.approx(touched / 150) and every["kv_fraction"] == 1.0
+    assert {r["test"] for r in f.rows} == {"attention_error_matched"}
+    assert {r["matched"] for r in f.rows} == {"hetero-actqkv"}
+    assert all(r["metrics"]["attention_error"]["n"] == 3 and r["metrics"]["attention_error"]["min"] > 0
+               for r in f.rows)
 
 
 def test_bench_measures_through_public_hooks_only():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hetero import LLM
+from hetero.model import Rope
 from hetero.probe import AttentionProbe, TopKOracle, hooked, probe_attention, time_decode_steps, topk_attention
 from tests.oracle import attention_oracle
 
@@ -172,3 +173,51 @@ def test_topk_oracle_needs_the_whole_kv(tiny_model_dir):
     with pytest.raises(ValueError, match="whole KV on the device"):
         probe_attention(llm, ids, 2, TopKOracle([4], skip_layers=0))
     assert llm.store.allocator.n_used == 0 and _no_hooks(llm)
+
+
+# -- bounded positions ------------------------------------------------------------------------
+
+GPL = open("/usr/share/common-licenses/GPL-3").read()
+ACTQKV = dict(n_sink=8, n_local=32, window=16, top_blocks=4, min_blocks=2, n_repr=2)
+EVERY_BLOCK = dict(top_blocks=10**5, min_blocks=10**5, final_blocks=10**5)
+
+
+def _actqkv(path, **params):
+    return LLM(path, device="cpu", page_size=4, prefill_chunk=32, policy="actqkv",
+               policy_params={**ACTQKV, **params}, device_kv_budget="8MiB")
+
+
+def test_exact_reference_under_bounded_positions_is_the_models_attention(tiny_model_dir):
+    """actqkv stores keys and hands the hooks its query before the rotary embedding; the
+    probe's reference rotates them at their true positions. The prompt fits the local window
+    (its prefill is exact), then the decode steps offload pages to the host tier and actqkv's
+    own output moves away from exact; with the probe's reference in its place the logits are
+    dense's, an independent path (keys rotated as written, the paged decode kernel)."""
+    dense = LLM(tiny_model_dir, device="cpu", page_size=4, prefill_chunk=32)
+    ids = dense.tokenizer(GPL)["input_ids"][:90]
+    want = dense.decode_logprobs(ids[:30], ids[30:])
+    llm, probe = _actqkv(tiny_model_dir), AttentionProbe()
+    with probe.attach(llm):
+        got = llm.decode_logprobs(ids[:30], ids[30:])
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)  # unrotated: 3e-3 off
+    assert probe.mean_resident() < 60 and max(probe.step_errors()) > 1e-2  # the host tier was read
+    assert _no_hooks(llm) and llm.store.allocator.n_used == 0
+
+
+def test_actqkv_with_every_block_selected_errs_by_its_positions_alone(tiny_model_dir, monkeypatch):
+    """Every block selected, actqkv reads the whole KV and its error is the bounded
+    positions' alone: not zero, and on this model far below that of a 4-block selection
+    (0.02 against 0.6). With the rotary embedding made the identity (cos 1, sin 0) bounded
+    positions are true positions: that error is gone, the selection's stays."""
+    ids = _actqkv(tiny_model_dir).tokenizer(GPL)["input_ids"][:150]
+    sparse = probe_attention(_actqkv(tiny_model_dir), ids, 6).mean_error()
+    every = probe_attention(_actqkv(tiny_model_dir, **EVERY_BLOCK), ids, 6).mean_error()
+    assert 1e-3 < every < sparse, (every, sparse)
+
+    def no_rotation(rope, n, dtype, device):
+        d = 2 * rope.inv_freq.shape[0]
+        return torch.ones(n, 1, d, dtype=dtype, device=device), torch.zeros(n, 1, d, dtype=dtype, device=device)
+
+    monkeypatch.setattr(Rope, "span", no_rotation)
+    assert probe_attention(_actqkv(tiny_model_dir, **EVERY_BLOCK), ids, 6).mean_error() < 1e-5
+    assert probe_attention(_actqkv(tiny_model_dir), ids, 6).mean_error() > 1e-3  # the selection's own
