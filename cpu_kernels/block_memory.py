@@ -209,8 +209,7 @@ def cutoff(scores: np.ndarray, k_min: int, k_max: int) -> np.ndarray:
     are its oracle) of float32 ``scores`` [Hkv, n], ``k_min <= k_max <= n``: int64 [Hkv].
     The entropy of the softmax ``p = e^x / z`` (``x`` the scores less their maximum) is
     ``log z - Σ p·x``: one exp per score, vectorised by numpy."""
-    x = scores.astype(np.float64)
-    x -= x.max(1, keepdims=True)
+    x = scores - scores.max(1, keepdims=True)
     e = np.exp(x)
     z = e.sum(1)
     entropy = np.log(z) - (e * x).sum(1) / z
