@@ -32,6 +32,27 @@ import numba
 import numpy as np
 
 CHUNK = 512
+LOG2E = np.float32(1.4426950408889634)
+# 2^f = e^(f ln 2) on [-1/2, 1/2]: Taylor coefficients (ln 2)^i / i!, i = 6 .. 1 (relative error < 2e-7)
+EXP2 = tuple(np.float32(math.log(2) ** i / math.factorial(i)) for i in range(6, 0, -1))
+
+
+@numba.njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
+def _exp_shifted(x, m, bits):  # pragma: no cover - compiled
+    """``x = exp(x - m)`` in place for float32 ``x <= m``, in loops the compiler vectorises
+    (``math.exp`` is a scalar call): ``2^y = 2^k 2^f``, ``k = round(y)``, ``2^f`` by its
+    polynomial, ``2^k`` by the exponent bits (``bits``: int32 scratch of x's length; below
+    2^-126 it stays 2^-126)."""
+    c6, c5, c4, c3, c2, c1 = EXP2
+    for j in range(x.shape[0]):
+        y = max((x[j] - m) * LOG2E, np.float32(-126.0))
+        k = math.floor(y + np.float32(0.5))
+        f = y - k
+        x[j] = ((((((c6 * f + c5) * f + c4) * f + c3) * f + c2) * f + c1) * f) + np.float32(1.0)
+        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    for j in range(x.shape[0]):
+        x[j] *= scale[j]
 
 
 @numba.njit(nogil=True, parallel=True, fastmath={"reassoc", "contract"}, cache=True)  # keeps -inf
@@ -68,6 +89,7 @@ def _attend(q, pool, slots, n_local, n_sink, host, blocks, keep, page_size, cos,
         logits = np.empty((g, hi - lo), dtype=np.float32)
         where = np.empty(hi - lo, dtype=np.int64)  # slot of each key: in the pool (j < n_near), else the host tier
         key = np.empty(d, dtype=np.float32)
+        bits = np.empty(hi - lo, dtype=np.int32)
         for j in range(lo, hi):
             if j < n_near:
                 s = slots[j]
@@ -104,9 +126,10 @@ def _attend(q, pool, slots, n_local, n_sink, host, blocks, keep, page_size, cos,
             for j in range(hi - lo):
                 m = max(m, logits[a, j])
             part_m[h, c, a] = m
+            _exp_shifted(logits[a], np.float32(m), bits)
             total = 0.0
             for j in range(hi - lo):
-                p = math.exp(logits[a, j] - m)
+                p = logits[a, j]
                 total += p
                 s = where[j]
                 if lo + j < n_near:
