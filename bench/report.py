@@ -117,7 +117,8 @@ def decode_section(doc: dict) -> list[str]:
         lines += [f"Batch throughput at {bc} tokens of context: decode tokens/s of the whole batch.", ""]
         rows = []
         for name in _systems(doc):
-            cells = [_err_or(idx.get((name, bc, b)), _cell(idx.get((name, bc, b), {}).get("metrics", {}).get("decode_tok_s")))
+            cells = [_err_or(idx.get((name, bc, b)),
+                             _cell(idx.get((name, bc, b), {}).get("metrics", {}).get("decode_tok_s")))
                      for b in batches]
             if sum(c != "–" for c in cells) > 1:
                 rows.append([_label(doc, name), *cells])

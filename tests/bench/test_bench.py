@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench import peers
 from bench.cli import plan_from_args, write_report
