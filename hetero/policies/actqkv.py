@@ -80,7 +80,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cpu_kernels.block_memory import cutoff, decode_attention, score_blocks, select_blocks
+from cpu_kernels.block_memory import decode_attention, decode_step, score_blocks
 from gpu_kernels import merge_partials, prior_attention
 from hetero.cache import KVStore
 from hetero.config import ModelConfig
@@ -492,25 +492,29 @@ class ActQKVPolicy(PagedState, Policy):
         qg = q.view(hkv, -1, d)
         state = self._seqs[w.seq_id]
         cos, sin = self._rope_at(max(w.n_local, self.n_local + 1), q.dtype, q.device)
-        probe = apply_rope(qg, *self._memory_rotation(q.dtype, q.device)).sum(1) if w.run else None
         row = plan.index[w.row]
         ring = plan.index[len(plan.index) - len(plan.step.seq_ids) + w.b, : w.n_local]
         self._keys_seen.add(hq * plan.step.n_tokens[w.b])
         self._keys_read.add(hq * (w.n_local + w.n_sink))
         if not _kernel_runs(store.kv):
+            probe = apply_rope(qg, *self._memory_rotation(q.dtype, q.device)).sum(1) if w.run else None
             ranked, keep = self._select(store, w, layer, probe) if w.run else (None, None)
             if w.run:
                 self._keys_read.add(keep.sum() * (ps * (hq // hkv)))  # a device count
             held = state.heads[layer].held if w.run else None
             return self._decode_tensors(store, layer, qg, plan.step.scale, w, row, ring, held, ranked, keep, cos, sin)
-        blocks, keep, host = np.zeros((hkv, 0), dtype=np.int64), np.zeros(hkv, dtype=np.int64), store.kv
-        if w.run:
-            blocks, keep = self._select_in_place(store, w, layer, probe)
-            host = store.host_tier(w.seq_id)[layer]
-            self._keys_read.add(int(keep.sum()) * ps * (hq // hkv))
-        out = decode_attention(qg.float().numpy(), store.kv.numpy(), row.numpy(), w.n_local, w.n_sink, host.numpy(),
-                               blocks, keep, ps, cos[:, 0].numpy(), sin[:, 0].numpy(), self.n_local,
-                               plan.step.scale, state.scores[layer].numpy(), ring.numpy())
+        near = (qg.float().numpy(), store.kv.numpy(), row.numpy(), w.n_local, w.n_sink)
+        rope = (cos[:, 0].numpy(), sin[:, 0].numpy(), self.n_local, plan.step.scale, state.scores[layer].numpy(),
+                ring.numpy())
+        if not w.run:
+            none = np.zeros((hkv, 0), dtype=np.int64), np.zeros(hkv, dtype=np.int64)
+            return torch.from_numpy(decode_attention(*near, store.kv.numpy(), *none, ps, *rope)).view(hq, d)
+        ck, cv = _codes(store)
+        out, keep = decode_step(*near, store.host_tier(w.seq_id)[layer].numpy(), ck.numpy(), cv.numpy(),
+                                np.asarray(state.reps[layer]), self._per(store), w.run, np.asarray(state.bounds[layer]),
+                                ps, self.bound_group, self.bound_top, FORCED,
+                                *cutoff_range(len(w.run), self.min_blocks, self.top_blocks), *rope)
+        self._keys_read.add(int(keep.sum()) * ps * (hq // hkv))
         return torch.from_numpy(out).view(hq, d)
 
     def _decode_tensors(self, store: KVStore, layer: int, qg: Tensor, scale: float, w: _Seq, row: Tensor,
@@ -550,15 +554,6 @@ class ActQKVPolicy(PagedState, Policy):
         top = rank.topk(slots.held.shape[1], dim=1, sorted=True).indices.add_(w.run.start)  # best first
         fetch_head_pages(store, w.seq_id, layer, slots, top)
         return top, dynamic_blocks(scores, self.min_blocks, self.top_blocks)
-
-    def _select_in_place(self, store: KVStore, w: _Seq, layer: int, probe: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_select` on the CPU, where the blocks are read in the host tier: each KV
-        head's kept blocks themselves (int64 [Hkv, top_blocks], -1 past them) and how many
-        (int64 [Hkv]), by ``cpu_kernels.block_memory``."""
-        scores, bound = (t.numpy() for t in self.scores(store, w.seq_id, layer, probe, w.run))
-        k_min, k_max = cutoff_range(len(w.run), self.min_blocks, self.top_blocks)
-        keep = cutoff(scores, k_min, k_max)
-        return select_blocks(scores, bound, w.run, self.bound_group, self.bound_top, FORCED, keep, k_max), keep
 
 
 def _codes(store: KVStore) -> tuple[Tensor, Tensor]:
