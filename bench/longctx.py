@@ -16,7 +16,8 @@ trained context are labelled so.
 Per (policy, length): prefill s (the request's TTFT) and its growth from the policy's
 shortest length, decode ms/token (median step, the first left out, ``hetero.probe``),
 host->device bytes per decoded token, device KV peak against the budget, accuracy per
-depth; decode is also given against dense at 1k, timed in the same run. Writes
+depth; decode is also given against dense at 1k, timed just before each length (a shared
+machine's speed drifts over the hour of the run). Writes
 ``DIR/longctx.json`` (``bench.results``; the derived tables under ``tables``) and prints
 the tables in Markdown. ``hetero bench all`` leaves this workload out (hours on 2 cores).
 """
@@ -167,15 +168,16 @@ def _speed_row(system: System, n: int, labels: list, runs: list, test: str = "sp
             "metrics": {k: summary(v) for k, v in metrics.items()}}
 
 
-def _reference(spec: Spec, model, cfg, tokenizer) -> dict:
-    """Dense decode ms/token at ``ref_context`` tokens of real text."""
+def _reference(spec: Spec, model, cfg, tokenizer, before: int) -> dict:
+    """Dense decode ms/token at ``ref_context`` tokens of real text, timed just before the
+    points at length ``before``."""
     from hetero.probe import time_decode_steps
 
     system, n = hetero("dense"), spec.ref_context
     with _llm(spec, model, system, cfg, n + REF_STEPS + 16) as llm, time_decode_steps(llm) as steps:
         out, ms = _generate(llm, steps, real_token_ids(tokenizer, n), REF_STEPS, False)
-    print(f"dense {n} (reference): {ms:.1f} ms/token", file=sys.stderr)
-    return _speed_row(system, n, [], [(out.stats, ms)], test="reference")
+    print(f"dense {n} (reference before {before}): {ms:.1f} ms/token", file=sys.stderr)
+    return {**_speed_row(system, n, [], [(out.stats, ms)], test="reference"), "before": before}
 
 
 def measure(spec: Spec, model: str | None = None, progress: bool = False, quick: bool = False,
@@ -198,8 +200,8 @@ def measure(spec: Spec, model: str | None = None, progress: bool = False, quick:
                                   "status": "ok" if known else "missing",
                                   "reason": "" if known else "not in hetero.policies.POLICIES",
                                   "versions": {}}
-    doc["rows"].append(_reference(spec, model, cfg, tokenizer))
     for n in sorted(spec.lengths):
+        doc["rows"].append(_reference(spec, model, cfg, tokenizer, n))
         cases = [c for t in range(spec.trials)
                  for c in passkey_prompts(tokenizer, n, spec.depths, seed=t)]
         for p, system in systems.items():
@@ -221,11 +223,13 @@ def measure(spec: Spec, model: str | None = None, progress: bool = False, quick:
 
 def tables(doc: dict) -> dict:
     """The accuracy table (system x length: correct/total, and per depth) and the speed
-    table (prefill s and its growth, decode ms/token and its ratio to dense at 1k, h2d
-    bytes/token, device KV peak and budget) from the document's rows."""
+    table (prefill s and its growth, decode ms/token and its ratio to dense at 1k timed
+    before that length, h2d bytes/token, device KV peak and budget) from the document's
+    rows; ``reference_ms`` is the median of the dense references."""
     order = list(doc["systems"])  # each system's lengths together, shortest first
     rows = sorted(doc["rows"], key=lambda r: (order.index(r["system"]), r["context"]))
-    ref = next(r for r in rows if r["test"] == "reference")["metrics"]["decode_ms"]["median"]
+    refs = {r.get("before"): r["metrics"]["decode_ms"]["median"] for r in rows if r["test"] == "reference"}
+    ref = statistics.median(refs.values())
     accuracy, speed, first = [], [], {}
     for r in rows:
         if r["test"] != "speed":
@@ -246,7 +250,8 @@ def tables(doc: dict) -> dict:
         base = first.setdefault(r["system"], (r["context"], med["ttft_s"]))
         speed.append({**point, "prefill_s": med["ttft_s"], "prefill_growth": med["ttft_s"] / base[1],
                       "tokens_growth": r["context"] / base[0], "decode_ms": med["decode_ms"],
-                      "decode_vs_dense_ref": med["decode_ms"] / ref,
+                      "dense_ref_ms": refs.get(r["context"], ref),
+                      "decode_vs_dense_ref": med["decode_ms"] / refs.get(r["context"], ref),
                       "h2d_bytes_per_token": med["h2d_bytes_per_token"],
                       "device_kv_peak": med["device_kv_bytes"], "device_kv_budget": med["device_kv_budget"]})
     return {"reference_ms": ref, "accuracy": accuracy, "speed": speed}
@@ -260,16 +265,18 @@ def markdown(doc: dict) -> str:
         depths = " ".join(f"{d}: {c}/{n}" for d, (c, n) in a["by_depth"].items()) or a["error"]
         lines.append(f"| {a['system']} | {a['context']} | {a['correct']}/{a['total']} | {depths} | "
                      f"{', '.join(a['labels'])} |")
-    lines += ["", f"dense at {ref_n} tokens: {t['reference_ms']:.1f} ms/token", "",
+    lines += ["", f"dense at {ref_n} tokens: {t['reference_ms']:.1f} ms/token (median; each length's "
+              "own in the table)", "",
               "| system | length | prefill s | prefill × (tokens ×) | decode ms/token | "
-              f"× dense {ref_n} | h2d B/token | device KV peak / budget MiB | labels |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              f"dense {ref_n} ms | × dense {ref_n} | h2d B/token | device KV peak / budget MiB | labels |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in t["speed"]:
         if "error" in s:
-            lines.append(f"| {s['system']} | {s['context']} | error: {s['error']} |" + " |" * 6)
+            lines.append(f"| {s['system']} | {s['context']} | error: {s['error']} |" + " |" * 7)
             continue
         lines.append(f"| {s['system']} | {s['context']} | {s['prefill_s']:.1f} | {s['prefill_growth']:.2f} "
-                     f"({s['tokens_growth']:.0f}) | {s['decode_ms']:.1f} | {s['decode_vs_dense_ref']:.2f} | "
+                     f"({s['tokens_growth']:.0f}) | {s['decode_ms']:.1f} | {s['dense_ref_ms']:.1f} | "
+                     f"{s['decode_vs_dense_ref']:.2f} | "
                      f"{s['h2d_bytes_per_token']:.0f} | {s['device_kv_peak'] / 2**20:.1f} / "
                      f"{s['device_kv_budget'] / 2**20:.1f} | {', '.join(s['labels'])} |")
     return "\n".join(lines)

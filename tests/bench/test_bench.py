@@ -424,8 +424,9 @@ def test_longctx_measures_passkey_and_speed_on_the_tiny_model(tiny_model_dir, tm
     doc = longctx.measure(spec, model=tiny_model_dir)
     assert read_doc(write_doc(doc, tmp_path))["workload"] == "longctx"
     rows = doc["rows"]
-    (ref,) = [r for r in rows if r["test"] == "reference"]
-    assert ref["system"] == "hetero-dense" and ref["context"] == 256
+    refs = [r for r in rows if r["test"] == "reference"]  # one before each length
+    assert [r["before"] for r in refs] == [256, 1024]
+    assert all(r["system"] == "hetero-dense" and r["context"] == 256 for r in refs)
     for policy in policies:
         for n in spec.lengths:
             key = (f"hetero-{policy}", n)
@@ -442,7 +443,10 @@ def test_longctx_measures_passkey_and_speed_on_the_tiny_model(tiny_model_dir, tm
     assert all(a["total"] == 1 and set(a["by_depth"]) == {"0.5"} for a in tables["accuracy"])
     s = {(t["system"], t["context"]): t for t in tables["speed"]}
     assert s[("hetero-dense", 256)]["prefill_growth"] == 1 and s[("hetero-dense", 1024)]["tokens_growth"] == 4
-    assert s[("hetero-streaming", 1024)]["decode_vs_dense_ref"] > 0
+    ref = refs[1]["metrics"]["decode_ms"]["median"]
+    assert s[("hetero-streaming", 1024)]["dense_ref_ms"] == ref
+    assert s[("hetero-streaming", 1024)]["decode_vs_dense_ref"] == pytest.approx(
+        s[("hetero-streaming", 1024)]["decode_ms"] / ref)
     md = longctx.markdown(doc)
     assert "× dense 256" in md and longctx.BEYOND in md
 
