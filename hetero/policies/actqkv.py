@@ -49,9 +49,10 @@ best blocks (rounded), ``H`` the entropy of the softmax of the ``n`` block score
 (:func:`dynamic_blocks`; the formula of ActQKV's code, whose active version uses a minimum
 of 32). On a GPU the head cache holds all ``top_blocks`` (fetched from the host tier) and
 the cut-off leaves the rest out on the device. On the CPU the host tier is the device's own
-memory, so nothing is copied: ``cpu_kernels.block_memory`` scores the blocks, selects each
-head's kept ones (a partition, linear in the blocks) and attends over them where they lie in
-the host tier, one numba call each per layer; the head cache is then only prefill's.
+memory, so nothing is copied: ``cpu_kernels.block_memory.decode_step`` scores the blocks,
+cuts off, selects each head's kept ones (a partition, linear in the blocks) and attends over
+them where they lie in the host tier, in one numba call per layer; the head cache is then
+only prefill's.
 The prompt's last token is fed as a decode step (the engine's windowed prefill), so the
 token whose logits are sampled picks its memory by its own query.
 
