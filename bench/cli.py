@@ -2,6 +2,7 @@
 
     hetero bench decode|prefill|fidelity|memory|kernels|all [--quick] [--out DIR] [--peers ...]
     hetero bench longctx [--quick] [--contexts N ...] [--out DIR]   # bench.longctx; not in 'all'
+    hetero bench runahead [--quick] [--contexts N ...] [--repeats N] [--out DIR]  # bench.runahead; not in 'all'
     hetero bench setup [--peers ...] [--force]      # build the peers' venvs
     hetero bench report [--out DIR]                 # report.md + PNGs from DIR/*.json
 """
@@ -108,6 +109,15 @@ def run(args) -> None:
         spec = longctx.QUICK if args.quick else longctx.DEFAULT
         spec = replace(spec, lengths=tuple(args.contexts)) if args.contexts else spec
         print(longctx.run(spec, out, progress=not args.no_progress, quick=args.quick))
+        return
+
+    if args.what == "runahead":  # the chain prefill against one process; not in 'all'
+        from bench import runahead
+
+        spec = runahead.QUICK if args.quick else runahead.DEFAULT
+        spec = replace(spec, lengths=tuple(args.contexts)) if args.contexts else spec
+        spec = replace(spec, repeats=(args.repeats,)) if args.repeats else spec
+        print(runahead.run(spec, out, quick=args.quick))
         return
 
     from bench.fidelity import fidelity

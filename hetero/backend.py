@@ -20,6 +20,12 @@ Calls are asynchronous: ``submit`` returns a future at once, so the device compu
 of a layer's attention while a CPU worker computes another share. A future's ``result``
 raises :class:`WorkerError` when the worker behind it failed, or the task's own error.
 
+One more task, optional, is not a worker's: :meth:`CPUBackend.chain_prefill` prefills one
+prompt with several workers in a chain (KV-Runahead), each owning a part of the prompt and
+passing every layer's K/V on to the next; it returns a :class:`ChainResult` (the whole KV and
+the last token's logits). The local backend runs it as processes (``orchestrator.chain``),
+the Ray backend as actors across nodes.
+
 Host-tier data travels as :class:`HostTier` arguments: a worker in this process receives the
 object and reads the host tier in place; a worker in another process receives
 :class:`HostRows`, the rows of it the backend has not sent that worker before (each row goes
@@ -158,6 +164,70 @@ class WorkerError(RuntimeError):
     fails; the message names the worker and the layers it served."""
 
 
+ChainProgress = Callable[[int, int, int], None]
+"""``progress(worker, layers_done, n_layers)``: a chain-prefill worker finished a layer."""
+
+
+@dataclass(slots=True)
+class ChainResult:
+    """What a chain prefill (KV-Runahead: :meth:`CPUBackend.chain_prefill`) returns: the whole
+    prompt's KV, the last token's logits and how the workers spent their time.
+
+    Attributes
+    ----------
+    token_ids : the prompt.
+    k, v : per layer ``[n, Hkv, D]`` keys (after RoPE at their absolute positions) and values,
+        in the model's dtype, on the CPU: what ``hetero.kvcache.KVCache`` holds.
+    logits : ``[vocab]`` float32 logits of the prompt's last token (the first token is their
+        argmax under greedy sampling: :attr:`first_token`).
+    bounds : ``[0, s_1, ..., n]``: worker ``i`` computed the tokens ``[bounds[i], bounds[i+1])``.
+    partition : how the bounds were chosen, ``"fitted"`` (cost model) or ``"even"``.
+    busy_s : per worker, seconds computing (the job's wall time less its waits).
+    wait_s : per worker, seconds waiting: for the previous worker's K/V (``recv``) and for
+        its own sends to complete.
+    ttft_s : seconds from handing the prompt to the workers (loaded, connected) to the
+        launcher holding the last token's logits.
+    startup_s : seconds to start the workers (spawn, model load, connect); 0 if they were
+        running already.
+    kv_s : seconds from the logits to the launcher holding the whole KV.
+    """
+
+    token_ids: list[int]
+    k: list[Tensor]
+    v: list[Tensor]
+    logits: Tensor
+    bounds: list[int]
+    partition: str
+    busy_s: list[float]
+    wait_s: list[float]
+    ttft_s: float
+    startup_s: float = 0.0
+    kv_s: float = 0.0
+
+    @property
+    def workers(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def first_token(self) -> int:
+        """The greedy first token (argmax of :attr:`logits`)."""
+        return int(self.logits.argmax())
+
+    @property
+    def imbalance(self) -> float:
+        """Largest over smallest busy time of the workers (1.0 is perfect balance)."""
+        return max(self.busy_s) / max(min(self.busy_s), 1e-9)
+
+    def kv_cache(self, model: str, config_hash: str, page_size: int, chat: bool = False):
+        """The result as a ``hetero.kvcache.KVCache`` (``model``: the LLM's ``model_name``,
+        ``config_hash``: ``hetero.kvcache.config_hash`` of its config); the tensors are
+        shared, not copied."""
+        from hetero.kvcache import KVCache
+
+        return KVCache(model, config_hash, self.k[0].dtype, page_size, list(self.token_ids),
+                       self.k, self.v, chat)
+
+
 class CPUBackend(ABC):
     """Runs CPU workers sharded by layer and the tasks submitted to them."""
 
@@ -200,6 +270,26 @@ class CPUBackend(ABC):
     def describe(self) -> str:
         """One line for ``hetero info``: the backend and where its workers run."""
         return self.name
+
+    def chain_prefill(self, source: str | None, dtype: Any, token_ids: list[int], workers: int,
+                      partition: str = "fitted", progress: ChainProgress | None = None) -> ChainResult:
+        """Prefill ``token_ids`` with ``workers`` processes in a chain (KV-Runahead).
+
+        Worker ``i`` loads the model (``source`` as ``hetero.loader.load_checkpoint`` takes
+        it, dense weights in ``dtype``), owns one contiguous part of the prompt and computes
+        it layer by layer: at each layer it receives the K/V of all earlier parts from worker
+        ``i - 1``, appends its own, passes the grown K/V on to worker ``i + 1`` and attends
+        (causal within its part). The last worker holds every layer's whole KV and the last
+        token's logits. ``partition``: ``"fitted"`` (parts of equal predicted time from a
+        cost model fitted on this machine: later parts shorter) or ``"even"``.
+        ``progress(worker, layers_done, n_layers)`` is called in this process as workers
+        finish layers.
+
+        Raises ``ValueError`` for bad arguments, :class:`WorkerError` naming the worker (and
+        its tokens) when one dies or fails; the other workers are stopped. Optional: the
+        default raises ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"backend {self.name!r} has no chain prefill")
 
     def close(self) -> None:
         """Stop the workers; the backend may not be used afterwards."""

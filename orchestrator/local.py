@@ -10,6 +10,9 @@ Arguments are passed by reference: a ``HostTier`` reaches the worker as it is, a
 worker reads the host tier in place. A task's ``ready`` (the device's copy event) is waited
 for on the pool thread, so the submitting thread never waits for the device.
 
+The chain prefill (``chain_prefill``: KV-Runahead) is the exception: its workers are local
+processes (``orchestrator.chain``), started for the one prompt and stopped after it.
+
 Each pool thread runs numba with one thread (``numba.set_num_threads`` is per calling
 thread): parallelism comes from the pool, and on cores shared with the device's torch
 threads a wide parallel kernel waits for its slowest thread (see ``cpu_kernels.lsh``).
@@ -25,7 +28,7 @@ from typing import Any
 
 import numba
 
-from hetero.backend import CPUBackend, Ready, WorkerSpec
+from hetero.backend import ChainProgress, ChainResult, CPUBackend, Ready, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,22 @@ class LocalBackend(CPUBackend):
 
     def describe(self) -> str:
         return f"local ({self.n_threads} threads)"
+
+    def chain_prefill(self, source: str | None, dtype: Any, token_ids: list[int], workers: int,
+                      partition: str = "fitted", progress: ChainProgress | None = None) -> ChainResult:
+        """The chain as local processes (``orchestrator.chain``, gloo), each on the machine's
+        cores over ``workers`` threads; the parts from ``orchestrator.calibrate.plan_bounds``
+        (the cost model fitted once per model, dtype and thread count, then cached). The
+        result's ``startup_s`` is the workers' start-up (spawn, model load, connect)."""
+        from orchestrator.calibrate import model_config, plan_bounds
+        from orchestrator.chain import Chain, threads_per_worker
+
+        threads = threads_per_worker(workers)
+        bounds = plan_bounds(model_config(source), dtype, len(token_ids), workers, partition, threads)
+        with Chain(source, dtype, workers, threads=threads) as chain:
+            result = chain.prefill(token_ids, bounds, progress, partition)
+        result.startup_s = chain.startup_s
+        return result
 
     def close(self) -> None:
         self._drain()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hetero.backend import CPUBackend, HostRows, HostTier, Ready, WorkerError, WorkerSpec
+from hetero.backend import (ChainProgress, ChainResult, CPUBackend, HostRows, HostTier, Ready, WorkerError,
+                            WorkerSpec)
 from orchestrator.ray_address import check_address, first_line, probe_gcs, split_address
 
 logger = logging.getLogger(__name__)
@@ -237,6 +239,81 @@ class RayBackend(CPUBackend):
         cpus = ray.cluster_resources().get("CPU", 0)
         return (f"ray ({nodes} node(s), {cpus:g} CPUs, GCS {ray.get_runtime_context().gcs_address}; "
                 f"{len(self._workers)} worker actors)")
+
+    def chain_prefill(self, source: str | None, dtype: Any, token_ids: list[int], workers: int,
+                      partition: str = "fitted", progress: ChainProgress | None = None) -> ChainResult:
+        """The chain as Ray actors, one per part (``orchestrator.chain_part.ChainWorker``),
+        spread over the cluster's nodes: each loads the model and passes its grown K/V to the
+        next actor's ``push`` as an object ref (node to node through Ray's object store; this
+        process sees only the last actor's result). Each actor takes
+        ``actor_options["num_cpus"]`` CPUs and as many torch threads; the bounds come from
+        the cost model fitted here on that many threads. ``progress`` is called as each
+        worker finishes its part (actors report no single layers). The actors live for this
+        prompt; one that dies or fails is a :class:`WorkerError` naming it and its tokens,
+        and every actor is killed."""
+        import ray
+
+        from orchestrator.calibrate import model_config, plan_bounds
+        from orchestrator.chain_part import ChainWorker
+
+        cpus = self.actor_options.get("num_cpus", 1) or 1
+        threads = max(1, int(cpus))
+        ids = [int(t) for t in token_ids]
+        bounds = plan_bounds(model_config(source), dtype, len(ids), workers, partition, threads)
+        names = [f"chain worker {i} (a Ray actor, prompt tokens {bounds[i]}:{bounds[i + 1]})"
+                 for i in range(workers)]
+        actor = ray.remote(num_cpus=cpus, concurrency_groups={"compute": 1, "io": 1},
+                           scheduling_strategy="SPREAD")(ChainWorker)
+        t_start = time.monotonic()
+        actors = [actor.remote(source, dtype, threads) for _ in range(workers)]
+        try:
+            (n_layers, *_) = self._chain_wait([a.n_layers.remote() for a in actors], names, "loading the model")
+            t0, t_logits = time.monotonic(), [0.0]
+
+            def finished(i: int, _: Any) -> None:
+                if i == workers - 1:
+                    t_logits[0] = time.monotonic()
+                if progress is not None:
+                    progress(i, n_layers, n_layers)
+
+            refs = [a.run.options(concurrency_group="compute").remote(
+                        ids[bounds[i]:bounds[i + 1]], bounds, i, actors[i + 1] if i + 1 < workers else None,
+                        self.timeout_s) for i, a in enumerate(actors)]
+            outs = self._chain_wait(refs, names, "the prefill", finished)
+            ((k, v),) = self._chain_wait([actors[-1].take_kv.remote()], names[-1:], "sending the K/V")
+            t_kv = time.monotonic()
+        finally:
+            for a in actors:
+                ray.kill(a)
+        k, v = (torch.from_numpy(np.array(x)).view(dtype) for x in (k, v))  # a copy: writable
+        return ChainResult(ids, list(k), list(v), torch.from_numpy(np.array(outs[-1]["logits"])), bounds,
+                           partition, [o["busy_s"] for o in outs], [o["wait_s"] for o in outs],
+                           ttft_s=t_logits[0] - t0, startup_s=t0 - t_start, kv_s=t_kv - t_logits[0])
+
+    def _chain_wait(self, refs: list, names: list[str], what: str, finished=None) -> list:
+        """The results of ``refs`` (one per chain worker), ``finished(i, result)`` as each
+        arrives; a worker that died or failed, or ``timeout_s`` without any finishing, is a
+        WorkerError naming the worker."""
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        pending, results = {ref: i for i, ref in enumerate(refs)}, [None] * len(refs)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout_s)
+            if not done:
+                late = ", ".join(names[i] for i in sorted(pending.values()))
+                raise WorkerError(f"{late} did not finish {what} within {self.timeout_s:g} s (timeout_s)")
+            for ref in done:
+                i = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except RayActorError as e:
+                    raise WorkerError(f"{names[i]} died during {what} ({first_line(e)})") from e
+                except RayError as e:
+                    raise WorkerError(f"{names[i]} failed during {what}: {first_line(e)}") from e
+                if finished is not None:
+                    finished(i, results[i])
+        return results
 
     def close(self) -> None:
         """Kill the actors; shut Ray down (or leave the cluster) if this backend started it

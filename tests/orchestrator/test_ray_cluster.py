@@ -87,3 +87,38 @@ def test_two_nodes_generate_the_local_tokens(cluster, tiny_model_dir, capsys):
     assert "ray (2 node(s), 2 CPUs" in info
     out = json.loads(_hetero(*ARGV, "--model", tiny_model_dir, "--backend", "ray", "--ray-address", cluster))
     assert out["token_ids"] == want["token_ids"] and out["stats"]["policy"]["lsh_table_bytes"] > 0
+
+
+CHAIN = """
+import sys
+import torch
+from orchestrator.ray_backend import RayBackend
+
+backend = RayBackend(address=sys.argv[1])
+try:
+    r = backend.chain_prefill(sys.argv[2], torch.float32, list(range(100, 400)), 2, partition="even")
+finally:
+    backend.close()
+torch.save({"k": r.k, "v": r.v, "logits": r.logits, "bounds": r.bounds, "busy_s": r.busy_s}, sys.argv[3])
+"""
+
+
+def test_two_nodes_chain_prefill_the_kv_of_one_process(cluster, tiny_model_dir, tmp_path):
+    """Two actors, one per node (each takes its node's only CPU), chain-prefill a prompt,
+    the K/V going from one node to the other as an object ref."""
+    import torch
+
+    from orchestrator.chain import Chain
+
+    out = tmp_path / "chain.pt"
+    p = subprocess.run([sys.executable, "-c", CHAIN, cluster, tiny_model_dir, str(out)], env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = torch.load(out)
+    with Chain(tiny_model_dir, torch.float32, workers=1) as chain:
+        want = chain.prefill(list(range(100, 400)), [0, 300])
+    assert got["bounds"] == [0, 150, 300] and len(got["busy_s"]) == 2
+    for kind in ("k", "v"):
+        for a, b in zip(got[kind], getattr(want, kind), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert int(got["logits"].argmax()) == want.first_token
