@@ -1,5 +1,6 @@
-"""The ``hetero`` command: ``generate``, ``info``, and the subcommands other packages register
-as entry points of the group ``hetero.commands`` (``bench``, from ``bench/``).
+"""The ``hetero`` command: ``generate``, ``prefill`` (a document's KV saved to a file, which
+``generate --kv-cache`` continues), ``info``, and the subcommands other packages register as
+entry points of the group ``hetero.commands`` (``bench``, from ``bench/``).
 
 Results go to stdout (one JSON object with ``--json``); logs and progress go to stderr.
 A bad input exits 2 with one line, ``hetero: error: ...``; Ctrl-C at any point exits 130
@@ -136,7 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this file")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (with "
+                   "--kv-cache: close the user turn the saved document opened)")
+    g.add_argument("--kv-cache", metavar="KV_FILE", default=None,
+                   help="continue from a document's KV saved by 'hetero prefill': the prompt is a question, "
+                   "tokenised on its own (no BOS) and prefilled on top of it")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -144,6 +149,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("prefill", help="prefill a document once and save its KV to a file",
+                       formatter_class=raw)
+    p.set_defaults(run=_prefill)
+    _add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-file", help="read the document from this file")
+    src.add_argument("--prompt", help="the document's text")
+    p.add_argument("--out", required=True, metavar="KV_FILE",
+                   help="write the KV here (safetensors, written atomically)")
+    p.add_argument("--chat", action="store_true", help="open a user turn of the chat template with the "
+                   "document ('hetero generate --kv-cache KV_FILE --chat' closes it)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="prefill in a chain of N worker processes (KV-Runahead); 1: in this process")
 
     i = sub.add_parser("info", help="device, dtype, model, budget and versions", formatter_class=raw)
     i.set_defaults(run=_info)
@@ -234,23 +253,29 @@ def _read_prompt(args) -> str:
 def _generate(args) -> None:
     # the cheap checks first: a bad prompt or parameter fails before the model loads
     prompt = _read_prompt(args)
+    if args.kv_cache is not None and not os.path.isfile(args.kv_cache):
+        what = "Is a directory" if os.path.isdir(args.kv_cache) else "No such file or directory"
+        raise ValueError(f"cannot read --kv-cache: {what}: {args.kv_cache}")
     _import_model_stack()
     from hetero.device import format_size
+    from hetero.kvcache import KVCache
     from hetero.sampling import SamplingParams
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop,
     )
+    kv = None if args.kv_cache is None else KVCache.load(args.kv_cache)  # a bad file fails here
     with _make_llm(args) as llm:
-        (out,) = llm.generate(prompt, params, chat=args.chat, progress=True)
+        (out,) = llm.generate(prompt, params, chat=args.chat, progress=True, kv_cache=kv)
     if args.json:
         print(json.dumps(out.to_dict()))
         return
     print(out.text)
     s = out.stats
+    saved = "" if kv is None else f" on {kv.n_tokens} saved"
     print(
-        f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated ({out.finish_reason}); "
+        f"[{s.prompt_tokens} prompt tokens{saved}, {s.generated_tokens} generated ({out.finish_reason}); "
         f"TTFT {s.ttft_s:.2f} s, decode {s.decode_tokens_per_s:.1f} tok/s; device KV peak "
         f"{format_size(s.device_kv_bytes_peak)} of {format_size(s.device_kv_budget)}; "
         f"host KV {format_size(s.host_kv_bytes)}; h2d {format_size(s.h2d_bytes)}, "
@@ -260,6 +285,32 @@ def _generate(args) -> None:
                   for name, v in s.policy.items() if isinstance(v, (int, float))) + "]",
         file=sys.stderr,
     )
+
+
+def _prefill(args) -> None:
+    # the cheap checks first: the document, --out and --workers fail before the model loads
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    prompt = _read_prompt(args)
+    _check_out(args.out)
+    _import_model_stack()
+    from hetero.device import format_size
+
+    with _make_llm(args) as llm:
+        kv = llm.prefill(prompt, workers=args.workers, chat=args.chat, progress=True)
+    path = kv.save(args.out)
+    print(f"saved the KV of {kv.n_tokens} tokens ({format_size(path.stat().st_size)}) to {path}")
+
+
+def _check_out(path: str) -> None:
+    """``--out`` names a file in a directory that exists and that we may write to."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out is a directory, name a file in it: {path}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot write --out: No such directory: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write --out: Permission denied: {parent}")
 
 
 def _info(args) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from gpu_kernels import prefill_attention
-from hetero.cache import KVStore
+from hetero.cache import OFFLOADED, KVStore
 from hetero.model import Transformer
 from hetero.policies import DecodeStep, Policy, StepPlan, exact_attention
 
@@ -56,6 +56,7 @@ class Engine:
         token_ids: list[int],
         score: bool = False,
         progress: Callable[[int], None] | None = None,
+        start: int = 0,
     ) -> Tensor:
         """Write the KV of ``token_ids`` for ``seq_id`` (admitted in the store).
 
@@ -68,7 +69,13 @@ class Engine:
         layers; one that offloads, layer by layer (:meth:`_prefill_layers`); under a policy
         with bounded positions, window by window (:meth:`_prefill_windows`), its last token
         then fed as a decode step.
+
+        ``start``: the sequence holds that many tokens already (a saved KV, :meth:`load_kv`);
+        ``token_ids`` sit at positions ``start ..`` and attend to them exactly.
         """
+        if start and (score or self.policy.bounded_positions):
+            raise ValueError(f"a prefill on top of {start} tokens cannot score, nor run under "
+                             f"policy {self.policy.name!r}")
         if self.policy.bounded_positions and not score and len(token_ids) > 1:
             # the token whose logits are sampled selects its memory by its own query, as every
             # generated token will: a window's probe speaks for the whole window
@@ -80,9 +87,9 @@ class Engine:
         if self.policy.bounded_positions:
             hidden = self._prefill_windows(seq_id, token_ids, score, progress)
         elif self.store.tables[seq_id].offload:
-            hidden = self._prefill_layers(seq_id, token_ids, progress)
+            hidden = self._prefill_layers(seq_id, token_ids, progress, start)
         else:
-            hidden = self._prefill_chunks(seq_id, token_ids, score, progress)
+            hidden = self._prefill_chunks(seq_id, token_ids, score, progress, start)
         if not score:
             return self.model.logits(hidden[-1:])[0]
         outs = []
@@ -95,17 +102,18 @@ class Engine:
 
     def _prefill_chunks(
         self, seq_id: int, token_ids: list[int], keep_all: bool,
-        progress: Callable[[int], None] | None,
+        progress: Callable[[int], None] | None, first: int = 0,
     ) -> Tensor:
         """Chunk-major prefill of a sequence whose KV stays on the device: each chunk runs
-        through every layer, attending to the KV written so far in place. Returns the final
-        hidden states [n, hidden] (with ``keep_all``; else of the last chunk only)."""
+        through every layer, attending to the KV written so far in place (``first`` tokens
+        of it before ``token_ids``). Returns the final hidden states [n, hidden] (with
+        ``keep_all``; else of the last chunk only)."""
         store, model = self.store, self.model
         table = store.tables[seq_id]
         hidden = []
-        for start in range(0, len(token_ids), self.prefill_chunk):
-            chunk = token_ids[start : start + self.prefill_chunk]
-            n = len(chunk)
+        for offset in range(0, len(token_ids), self.prefill_chunk):
+            chunk = token_ids[offset : offset + self.prefill_chunk]
+            n, start = len(chunk), first + offset
             store.reserve(seq_id, start + n)
             slots = store.slots(seq_id, start, n)
             block_tables = store.block_tables([seq_id])[:, 0]  # [L, P]
@@ -155,7 +163,8 @@ class Engine:
         return torch.cat(hidden)
 
     def _prefill_layers(
-        self, seq_id: int, token_ids: list[int], progress: Callable[[int], None] | None
+        self, seq_id: int, token_ids: list[int], progress: Callable[[int], None] | None,
+        first: int = 0,
     ) -> Tensor:
         """Layer-major prefill of an offloading sequence: all chunks of layer l, each
         attending causally to the layer's KV so far with the prefill kernel, then layer l's
@@ -164,20 +173,22 @@ class Engine:
         states are kept between layers; one layer's KV is on the device at a time.
 
         With ``stream_prefill`` (not even one layer fits the budget) a layer's pages leave
-        after each chunk and later chunks stream them back in blocks (``exact_attention``).
-        Returns the final hidden states [n, hidden].
+        after each chunk and later chunks stream them back in blocks (``exact_attention``),
+        as do all chunks of a layer that holds offloaded pages of ``first`` tokens written
+        before ``token_ids`` (a loaded KV). Returns the final hidden states [n, hidden].
         """
         store, model, policy = self.store, self.model, self.policy
         table, ps, n = store.tables[seq_id], store.page_size, len(token_ids)
-        n_layers = len(model.blocks)
+        end, n_layers = first + n, len(model.blocks)
         x = model.embed(store.device.tensor(token_ids, torch.int64))
         on_qk = self._qk_hook([seq_id])
-        cos, sin = model.rope.tables(torch.arange(n, device=self.device), x.dtype, n)
+        cos, sin = model.rope.tables(torch.arange(first, end, device=self.device), x.dtype, end)
         sink = table.sink_pages
         for layer, block in enumerate(model.blocks):
-            done = sink  # pages of this layer before it are offloaded (or sinks)
-            for start in range(0, n, self.prefill_chunk):
-                c = min(self.prefill_chunk, n - start)
+            # pages of this layer before it are offloaded (or sinks)
+            done = table.offloaded.stop if table.offloads_layer(layer) else sink
+            for offset in range(0, n, self.prefill_chunk):
+                c, start = min(self.prefill_chunk, n - offset), first + offset
                 store.reserve(seq_id, start + c, range(layer, layer + 1))
                 slots = store.slots(seq_id, start, c, range(layer, layer + 1))[0]
                 streamed = done > sink
@@ -190,17 +201,73 @@ class Engine:
                     pages = store.device.tensor(table.layers[layer], torch.int32)
                     return prefill_attention(q, store.k, store.v, pages, start, self.scale, ps)[0]
 
-                rows = slice(start, start + c)
+                rows = slice(offset, offset + c)
                 x[rows] = block(x[rows], cos[rows], sin[rows], attend, on_qk)
                 if table.stream_prefill:
                     done = self._offload(seq_id, layer, done, self._settled(seq_id, start + c))
-            self._offload(seq_id, layer, done, self._settled(seq_id, n))
-            policy.on_layer_prefilled(store, seq_id, layer, self._settled(seq_id, n))
+            self._offload(seq_id, layer, done, self._settled(seq_id, end))
+            policy.on_layer_prefilled(store, seq_id, layer, self._settled(seq_id, end))
             if progress is not None:  # the prompt's tokens, shared out over the layers
                 progress(n * (layer + 1) // n_layers - n * layer // n_layers)
+        table.n_tokens = end
+        table.settled = self._settled(seq_id, end)
+        return model.norm(x)
+
+    @torch.inference_mode()
+    def load_kv(self, seq_id: int, k: list[Tensor], v: list[Tensor]) -> None:
+        """Write a saved KV into admitted sequence ``seq_id`` (holding nothing yet) as a
+        prefill of its tokens would leave it: ``k``, ``v`` per layer [n, Hkv, D] (any device
+        and dtype; keys after RoPE at positions ``0 .. n-1``).
+
+        A sequence that keeps its KV on the device gets it in its pages at once. One that
+        offloads gets it layer by layer, each layer's pages outside the resident set then
+        leaving for the host tier (``KVStore.offload``, ``Policy.on_offload``: quest's key
+        bounds and the page tables come out as after a prefill), chunk by chunk with
+        ``stream_prefill``: its device pages never exceed a prefill's. ``on_layer_prefilled``
+        is left to the prefill on top (``prefill(..., start=n)``), which calls it for every
+        layer over the whole sequence. Counted as host-to-device traffic."""
+        store = self.store
+        table, n, hkv, d = store.tables[seq_id], k[0].shape[0], store.cfg.n_kv_heads, store.cfg.head_dim
+        assert table.n_tokens == 0 and not self.policy.bounded_positions, "loading into a used sequence"
+        sink = table.sink_pages
+        for layer in range(store.cfg.n_layers):
+            done = sink
+            step = self.prefill_chunk if table.offload else max(n, 1)
+            for start in range(0, n, step):
+                c = min(step, n - start)
+                store.reserve(seq_id, start + c, range(layer, layer + 1))
+                kv = store.device.empty((2, c, hkv, d), store.dtype)
+                store.device.to_device(kv, torch.stack((k[layer][start : start + c], v[layer][start : start + c]))
+                                       .to(store.dtype))
+                store.write(store.slots(seq_id, start, c, range(layer, layer + 1))[0], kv[0], kv[1])
+                if table.stream_prefill:
+                    done = self._offload(seq_id, layer, done, self._settled(seq_id, start + c))
+            self._offload(seq_id, layer, done, self._settled(seq_id, n))
         table.n_tokens = n
         table.settled = self._settled(seq_id, n)
-        return model.norm(x)
+
+    @torch.inference_mode()
+    def export_kv(self, seq_id: int) -> tuple[list[Tensor], list[Tensor]]:
+        """The KV of every token of ``seq_id``, per layer k and v [n, Hkv, D] on the CPU (the
+        store's dtype), read from its device pages and its host tier."""
+        store = self.store
+        table, ps, n = store.tables[seq_id], store.page_size, store.tables[seq_id].n_tokens
+        host = store.host_tier(seq_id) if table.offload else None
+        ks, vs = [], []
+        for pages in table.layers:
+            pages = pages[: -(-n // ps)]
+            if host is not None:
+                kv = host[len(ks), :, :, : len(pages) * ps].clone()  # [2, Hkv, n_pages * ps, D]
+            else:
+                kv = torch.empty((2, store.cfg.n_kv_heads, len(pages) * ps, store.cfg.head_dim), dtype=store.dtype)
+            resident = [i for i, p in enumerate(pages) if p != OFFLOADED]
+            if resident:
+                src = torch.tensor([pages[i] * ps + j for i in resident for j in range(ps)])
+                dst = torch.tensor([i * ps + j for i in resident for j in range(ps)])
+                kv[:, :, dst] = store.kv.index_select(2, store.device.tensor(src, torch.int64)).cpu()
+            ks.append(kv[0, :, :n].transpose(0, 1).contiguous())
+            vs.append(kv[1, :, :n].transpose(0, 1).contiguous())
+        return ks, vs
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], token_ids: list[int], hooks: bool = True) -> Tensor:

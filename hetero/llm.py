@@ -4,6 +4,7 @@ builds the parts (model, store, engine, policy, backend); ``hetero.scheduler`` r
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +16,7 @@ from hetero.cache import KVStore
 from hetero.config import is_integer
 from hetero.device import Device, check_kv_budget, default_kv_budget, parse_size, resolve_device
 from hetero.engine import Engine
+from hetero.kvcache import KVCache, check_policy, config_hash
 from hetero.loader import load_checkpoint, read_gguf_blocks
 from hetero.model import Transformer
 from hetero.outputs import LogprobsOutput, Output
@@ -99,6 +101,7 @@ class LLM:
         check_kv_budget(budget, dev)
 
         ckpt = load_checkpoint(model, self.dtype)
+        self._source = model  # what a chain prefill's workers load
         self.config, self.tokenizer, self.model_name = ckpt.config, ckpt.tokenizer, ckpt.name
         with torch.device("meta"):
             net = Transformer(self.config)
@@ -146,12 +149,48 @@ class LLM:
         return self.scheduler.eos_ids
 
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | None = None,
-                 chat: bool = False, progress: bool = False) -> list[Output]:
+                 chat: bool = False, progress: bool = False,
+                 kv_cache: KVCache | str | os.PathLike | None = None) -> list[Output]:
         """Generate for one prompt or a batch decoded together; one Output per prompt.
 
         A prompt is text, or a list of token ids used as they are.
+
+        ``kv_cache`` (a :class:`~hetero.kvcache.KVCache` from :meth:`prefill`, or the path of
+        a KV file): each prompt is a question about that document, tokenised on its own
+        without BOS and prefilled on top of the saved KV, which is loaded into the store like
+        any sequence's (under the device budget, offloading as the policy decides); the
+        document is not recomputed. ``chat`` must match the KV's: a document prefilled with
+        ``chat=True`` opened a user turn, which the question closes. ``Output.stats``
+        counts the question's tokens as the prompt's.
         """
-        return self.scheduler.generate(prompts, params, chat, progress)
+        if isinstance(kv_cache, (str, os.PathLike)):
+            kv_cache = KVCache.load(kv_cache)
+        return self.scheduler.generate(prompts, params, chat, progress, kv_cache)
+
+    def prefill(self, prompt: str | list[int], workers: int = 1, chat: bool = False,
+                progress: bool = False) -> KVCache:
+        """Prefill a document once and return its KV, to answer many questions about it
+        (``generate(question, kv_cache=...)``; ``KVCache.save`` writes it to a file).
+
+        ``prompt``: text (with the tokenizer's BOS), or token ids used as they are.
+        ``chat``: the document opens a user turn of the chat template (the text before the
+        user's message, then the document), which a question with ``chat=True`` closes.
+        ``workers`` > 1: a chain prefill (KV-Runahead) over that many worker processes of
+        the backend (``CPUBackend.chain_prefill``); 1 runs in this process. Every policy but
+        ``actqkv`` can save its KV.
+        """
+        _check_int("workers", workers, 1)
+        if workers == 1:
+            return self.scheduler.prefill(prompt, chat, progress)
+        self.scheduler._check_open()
+        check_policy(self.policy)
+        if self.weights != "dense":
+            raise ValueError(f"a chain prefill's workers load dense weights, this LLM has weights="
+                             f"{self.weights!r}: use workers=1, or weights='dense'")
+        ids = self.scheduler.encode(prompt, chat, part="document")
+        result = self.backend.chain_prefill(self._source, self.dtype, ids, workers,
+                                            progress=_chain_bar(workers, self.config.n_layers) if progress else None)
+        return result.kv_cache(self.model_name, config_hash(self.config), self.store.page_size, chat)
 
     def stream(self, prompt: str, params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
         """Yield the text of one prompt's generation piece by piece as it is decoded.
@@ -196,6 +235,23 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _chain_bar(workers: int, n_layers: int):
+    """A chain prefill's progress on stderr: layers done in all, and per worker."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=workers * n_layers, desc=f"prefill ({workers} workers)", unit="layer")
+    done = [0] * workers
+
+    def progress(worker: int, layers_done: int, total: int) -> None:
+        bar.update(layers_done - done[worker])
+        done[worker] = layers_done
+        bar.set_postfix_str(" ".join(f"w{i} {d}/{total}" for i, d in enumerate(done)), refresh=False)
+        if sum(done) == workers * total:
+            bar.close()
+
+    return progress
 
 
 def _check_int(name: str, value, least: int) -> None:

@@ -24,6 +24,7 @@ from hetero.cache import OutOfPages
 from hetero.config import is_integer
 from hetero.device import format_size
 from hetero.engine import Engine
+from hetero.kvcache import KVCache, chat_parts, check_policy, config_hash
 from hetero.outputs import Detokenizer, LogprobsOutput, Output, RequestStats
 from hetero.sampling import SamplingParams, make_generator, sample
 
@@ -43,6 +44,7 @@ class _Request:
     t_first: float = 0.0
     t_end: float = 0.0
     finish_reason: str | None = None
+    kv: KVCache | None = None  # a saved KV the prompt continues (the prompt: its question)
 
 
 class Scheduler:
@@ -71,9 +73,11 @@ class Scheduler:
 
     # -- requests ------------------------------------------------------------------------
 
-    def generate(self, prompts, params: SamplingParams | None, chat: bool, progress: bool) -> list[Output]:
-        """One ``Output`` per prompt of a batch decoded together (``LLM.generate``)."""
-        reqs = self.admit(_prompt_list(prompts), params, chat)
+    def generate(self, prompts, params: SamplingParams | None, chat: bool, progress: bool,
+                 kv: KVCache | None = None) -> list[Output]:
+        """One ``Output`` per prompt of a batch decoded together (``LLM.generate``); with
+        ``kv``, each prompt is a question prefilled on top of a copy of that saved KV."""
+        reqs = self.admit(_prompt_list(prompts), params, chat, kv)
         try:
             for _ in self.run(reqs, progress):
                 pass
@@ -93,6 +97,24 @@ class Scheduler:
                 yield piece
         finally:  # also on GeneratorExit: close() or garbage collection
             self.release([req])
+
+    def prefill(self, prompt, chat: bool, progress: bool) -> KVCache:
+        """The KV of a document prefilled in this process (``LLM.prefill``); with ``chat``
+        the document opens a user turn of the chat template (:func:`chat_parts`)."""
+        self._check_open()
+        check_policy(self.policy)
+        ids = self.encode(prompt, chat, part="document")
+        seq, _, _ = self.place(len(ids))
+        bar = _progress_bar(len(ids)) if progress else None
+        try:
+            self.engine.prefill(seq, ids, progress=bar and bar.update)
+            k, v = self.engine.export_kv(seq)
+        finally:  # on any exit: an error, Ctrl-C
+            self.engine.release(seq)
+            if bar is not None:
+                bar.close()
+        return KVCache(self.model_name, config_hash(self.config), self.store.dtype, self.store.page_size,
+                       ids, k, v, chat)
 
     def logprobs(self, text: str) -> LogprobsOutput:
         """Per-token log-probabilities of ``text`` (``LLM.logprobs``)."""
@@ -147,9 +169,15 @@ class Scheduler:
 
     # -- admission -----------------------------------------------------------------------
 
-    def encode(self, prompt: str | list[int], chat: bool) -> list[int]:
+    def encode(self, prompt: str | list[int], chat: bool, part: str = "prompt", context: int = 0) -> list[int]:
         """Token ids of a prompt (text, or token ids used as they are), checked against the
-        vocabulary and the context limit."""
+        vocabulary and the context limit.
+
+        ``part``: ``"prompt"``, a whole prompt; ``"document"``, a document to save the KV of
+        (with ``chat``, the chat template's text before the user's message, then the
+        document: the turn stays open); ``"question"``, tokens on top of a saved document of
+        ``context`` tokens (no BOS; with ``chat``, the question closes the turn: the end of
+        the user's message and the generation prompt)."""
         if isinstance(prompt, (list, tuple)) and prompt and all(is_integer(t) for t in prompt):
             if chat:
                 raise ValueError("chat=True needs a text prompt, not token ids")
@@ -161,7 +189,11 @@ class Scheduler:
                              f"{_describe(prompt)}")
         else:
             self._check_length(prompt)
-            if chat:
+            if chat and part != "prompt":
+                before, after = chat_parts(self.tokenizer, self.model_name)
+                text = before + prompt if part == "document" else prompt + after
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            elif chat:
                 if not self.tokenizer.chat_template:
                     raise ValueError(f"{self.model_name} has no chat template: call without chat")
                 text = self.tokenizer.apply_chat_template(
@@ -169,11 +201,12 @@ class Scheduler:
                 )
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             else:
-                ids = self.tokenizer(prompt)["input_ids"]
-        if len(ids) >= self.max_model_len:
+                ids = self.tokenizer(prompt, add_special_tokens=part != "question")["input_ids"]
+        if context + len(ids) >= self.max_model_len:
+            parts = f" ({context} of the saved KV's document, {len(ids)} of the question)" if context else ""
             raise ValueError(
-                f"prompt has {len(ids)} tokens, the context limit is {self.max_model_len}{self._past_trained()}: "
-                f"shorten it or pass a larger max_model_len"
+                f"prompt has {context + len(ids)} tokens{parts}, the context limit is "
+                f"{self.max_model_len}{self._past_trained()}: shorten it or pass a larger max_model_len"
             )
         return ids
 
@@ -201,10 +234,12 @@ class Scheduler:
         return (f" (the positions {self.model_name} was trained on; policy {self.policy.name!r} cannot "
                 f"read past them: use policy='actqkv', which can)")
 
-    def admit(self, prompts: list, params: SamplingParams | None, chat: bool) -> list[_Request]:
+    def admit(self, prompts: list, params: SamplingParams | None, chat: bool,
+              kv: KVCache | None = None) -> list[_Request]:
         """Check and tokenise every prompt, then reserve KV for each: everything about a
         request is checked before a page is taken, and on any failure the pages taken so far
-        are freed."""
+        are freed. With ``kv``, a prompt is a question on top of that saved KV: its sequence
+        holds the document's tokens, the question's and the generation's."""
         self._check_open()
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -213,7 +248,10 @@ class Scheduler:
             raise TypeError(f"chat must be True or False, got {chat!r}")
         if not prompts:
             raise ValueError("no prompts given")
-        encoded = [self.encode(p, chat) for p in prompts]
+        if kv is not None:
+            self.check_kv(kv, chat)
+        start = 0 if kv is None else kv.n_tokens
+        encoded = [self.encode(p, chat, "prompt" if kv is None else "question", start) for p in prompts]
         generators = [make_generator(params, self.store.device.device) for _ in encoded]
         self.store.allocator.peak_used = self.store.allocator.n_used
         self._snap_start = self._snapshot()
@@ -223,17 +261,29 @@ class Scheduler:
             reqs, committed, transient = [], 0, 0
             try:
                 for ids, generator in zip(encoded, generators):
-                    cap = min(params.max_new_tokens, self.max_model_len - len(ids))
-                    seq, need, extra = self.place(len(ids) + cap, committed, transient,
+                    cap = min(params.max_new_tokens, self.max_model_len - start - len(ids))
+                    seq, need, extra = self.place(start + len(ids) + cap, committed, transient,
                                                   len(reqs) + 1, whole_layers)
                     reqs.append(_Request(seq, ids, params, cap, Detokenizer(self.tokenizer, params.stop),
-                                         generator, time.perf_counter(), []))
+                                         generator, time.perf_counter(), [], kv=kv))
                     committed, transient = committed + need, max(transient, extra)
                 return reqs
             except BaseException as e:
                 self.release(reqs)
                 if not (whole_layers and isinstance(e, OutOfPages) and len(encoded) > 1):
                     raise
+
+    def check_kv(self, kv: KVCache, chat: bool) -> None:
+        """Raise ``ValueError`` unless ``kv`` can be loaded here and continued with
+        ``chat``."""
+        if not isinstance(kv, KVCache):
+            raise TypeError(f"kv_cache must be a KVCache or the path of a KV file, got {type(kv).__name__}")
+        check_policy(self.policy)
+        kv.check(self.model_name, self.config, self.store.dtype, self.store.page_size)
+        if kv.chat != chat:
+            how = "opens a user turn (prefilled with chat=True)" if kv.chat else "was prefilled without chat"
+            raise ValueError(f"the saved KV {how}: generate with chat={kv.chat}, or prefill the document "
+                             f"again with chat={chat}")
 
     def release(self, reqs: list[_Request]) -> None:
         """Free the pages (and the policy's state) of every request still holding them: the
@@ -289,14 +339,14 @@ class Scheduler:
 
     def run(self, reqs: list[_Request], progress: bool) -> Iterator[None]:
         """Prefill every request, then decode the live ones together; yields per token."""
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(len(r.prompt_ids) for r in reqs), desc="prefill", unit="tok")
+        bar = _progress_bar(sum(len(r.prompt_ids) for r in reqs)) if progress else None
         try:
             for r in reqs:
-                logits = self.engine.prefill(r.seq_id, r.prompt_ids, progress=bar and bar.update)
+                start = 0
+                if r.kv is not None:  # the document's KV as its prefill would leave it
+                    self.engine.load_kv(r.seq_id, r.kv.k, r.kv.v)
+                    start = r.kv.n_tokens
+                logits = self.engine.prefill(r.seq_id, r.prompt_ids, progress=bar and bar.update, start=start)
                 self._accept(r, sample(logits, r.params, r.generator))
                 yield
             if bar is not None:
@@ -362,6 +412,13 @@ class Scheduler:
             policy=policy_stats,
         )
         return Output(r.detok.text, r.output_ids, r.finish_reason, stats)
+
+
+def _progress_bar(total: int):
+    """A progress bar of prompt tokens, on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="prefill", unit="tok")
 
 
 def _describe(x) -> str:

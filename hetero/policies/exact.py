@@ -24,19 +24,19 @@ def exact_attention(
     """Attention of ``q`` [C, Hq, D] at positions ``start..start+C-1`` over positions
     ``0..start+C-1`` of one layer of ``seq_id`` (causal).
 
-    A chunk (C > 1) must start on a page boundary and have its pages on the device; a
-    single query (decode) sees every key up to itself. ``batch_pages`` offloaded pages are
-    fetched at a time. Returns out [C, Hq, D] (q.dtype), lse [C, Hq] float32.
+    A chunk (C > 1) must have its pages on the device, the one it starts in included (its
+    tokens before ``start`` are seen by every query of the chunk); a single query (decode)
+    sees every key up to itself. ``batch_pages`` offloaded pages are fetched at a time.
+    Returns out [C, Hq, D] (q.dtype), lse [C, Hq] float32.
     """
     table, ps = store.tables[seq_id], store.page_size
     pages = table.layers[layer]
     c = q.shape[0]
     partials = []
-    if c > 1:  # the chunk over itself, causal
-        assert start % ps == 0, "prefill chunks start on a page boundary"
+    if c > 1:  # the chunk over itself (causal) and the start of its first page
+        n_prior = start - start % ps
         own = store.device.tensor(pages[start // ps : -(-(start + c) // ps)], torch.int32)
-        partials.append(prefill_attention(q, store.k, store.v, own, 0, scale, ps))
-        n_prior = start
+        partials.append(prefill_attention(q, store.k, store.v, own, start % ps, scale, ps))
     else:  # decode: every key, the new one included, without a mask
         n_prior = start + 1
     if n_prior:
