@@ -22,48 +22,91 @@ class OutOfPages(ValueError):
 
 
 class PageAllocator:
-    """Free list of device page ids ``0..n_pages-1``; first-fit contiguous allocation."""
+    """Free device page ids ``0..n_pages-1``; first-fit contiguous allocation.
+
+    The free set is kept as runs: ``_starts[i]`` and ``_lens[i]`` describe the free pages
+    ``_starts[i] .. _starts[i] + _lens[i] - 1``, sorted by start, disjoint and never
+    adjacent (neighbours merge when pages come back). A pool holds a few hundred thousand
+    pages but only as many runs as the pool has holes, so a call costs a walk over the
+    runs or a binary search per freed run, not a pass over every free page: a sorted list
+    of page ids took a second to take back one long sequence's pages.
+    """
 
     def __init__(self, n_pages: int):
         if n_pages < 1:
             raise ValueError(f"a device pool needs at least one page, got {n_pages}")
         self.n_pages = n_pages
-        self._free: list[int] = list(range(n_pages))  # kept sorted
+        self._starts: list[int] = [0]
+        self._lens: list[int] = [n_pages]
+        self._n_free = n_pages
         self.peak_used = 0
 
     @property
     def n_free(self) -> int:
-        return len(self._free)
+        return self._n_free
 
     @property
     def n_used(self) -> int:
-        return self.n_pages - len(self._free)
+        return self.n_pages - self._n_free
 
     def allocate(self, n: int) -> list[int]:
-        """``n`` page ids, contiguous if such a run is free; raises :class:`OutOfPages`."""
+        """``n`` page ids: the first ``n`` of the lowest free run that holds them, else the
+        ``n`` lowest free ids; raises :class:`OutOfPages`."""
         assert n >= 0, f"cannot allocate {n} pages"
-        if n > len(self._free):
-            raise OutOfPages(f"need {n} pages, {len(self._free)} of {self.n_pages} are free")
-        free = self._free
-        run_start = 0
-        for i in range(1, len(free) + 1):  # stops at the first run long enough
-            if i - run_start >= n:
-                pages = free[run_start : run_start + n]
-                del free[run_start : run_start + n]
-                break
-            if i < len(free) and free[i] != free[i - 1] + 1:
-                run_start = i
-        else:  # no run long enough: take the lowest ids
-            pages = free[:n]
-            del free[:n]
+        if n > self._n_free:
+            raise OutOfPages(f"need {n} pages, {self._n_free} of {self.n_pages} are free")
+        starts, lens = self._starts, self._lens
+        i = next((i for i, length in enumerate(lens) if length >= n), None)
+        if i is not None:
+            pages = list(range(starts[i], starts[i] + n))
+            if n == lens[i]:
+                del starts[i], lens[i]
+            else:
+                starts[i], lens[i] = starts[i] + n, lens[i] - n
+        else:  # no run long enough: whole runs from the bottom, then part of the next
+            pages, k = [], 0
+            while k < len(lens) and len(pages) + lens[k] <= n:
+                pages += range(starts[k], starts[k] + lens[k])
+                k += 1
+            del starts[:k], lens[:k]  # at once: one by one would shift the list per run
+            rest = n - len(pages)
+            if rest:
+                pages += range(starts[0], starts[0] + rest)
+                starts[0], lens[0] = starts[0] + rest, lens[0] - rest
+        self._n_free -= n
         self.peak_used = max(self.peak_used, self.n_used)
         return pages
 
     def free(self, pages: list[int]) -> None:
-        for p in pages:
-            i = bisect.bisect_left(self._free, p)
-            assert i == len(self._free) or self._free[i] != p, f"page {p} freed twice"
-            self._free.insert(i, p)
+        """Return ``pages`` (any order) to the pool. A page that is not allocated (freed
+        twice, or outside the pool) is a bug in the caller's tables: an assertion fails."""
+        pages = sorted(pages)
+        assert not pages or 0 <= pages[0] and pages[-1] < self.n_pages, "page outside the pool"
+        run_start, n = 0, len(pages)
+        for j in range(1, n + 1):  # one _give per run of consecutive pages
+            if j == n or pages[j] != pages[j - 1] + 1:
+                assert j == n or pages[j] != pages[j - 1], f"page {pages[j]} freed twice"
+                self._give(pages[run_start], pages[j - 1] + 1)
+                run_start = j
+
+    def _give(self, a: int, b: int) -> None:
+        """Add the free pages ``a .. b-1`` as a run, merged with the runs it touches."""
+        starts, lens = self._starts, self._lens
+        i = bisect.bisect_right(starts, a)  # runs before i start at or below a
+        end_before = starts[i - 1] + lens[i - 1] if i else -1
+        assert end_before <= a, f"page {a} freed twice"
+        assert i == len(starts) or b <= starts[i], f"page {starts[i]} freed twice"
+        if end_before == a:  # extends the run before; maybe closes the gap to the next
+            lens[i - 1] += b - a
+            if i < len(starts) and starts[i] == b:
+                lens[i - 1] += lens[i]
+                del starts[i], lens[i]
+        elif i < len(starts) and starts[i] == b:  # extends the next run downwards
+            starts[i], lens[i] = a, lens[i] + b - a
+        else:
+            starts.insert(i, a)
+            lens.insert(i, b - a)
+        self._n_free += b - a
 
 
 @dataclass(slots=True)
