@@ -58,8 +58,9 @@ class KVCache:
     CPU tensors of ``dtype`` (keys after RoPE at positions ``0 .. n-1``).
 
     ``model`` is the LLM's ``model_name``, ``config_hash`` the :func:`config_hash` of its
-    config; ``page_size`` the store's page size; ``chat``: the document was opened as a user
-    turn of the chat template, which a question with ``chat=True`` closes."""
+    config; ``page_size`` the writer's page size (a record: it loads at any); ``chat``: the
+    document was opened as a user turn of the chat template, which a question with
+    ``chat=True`` closes."""
 
     model: str
     config_hash: str
@@ -151,13 +152,13 @@ class KVCache:
         except ValueError as e:
             raise ValueError(f"{path}: {e}: the file is corrupt; write it again with `hetero prefill --out`") from None
 
-    def check(self, model_name: str, cfg: ModelConfig, dtype: torch.dtype, page_size: int) -> None:
+    def check(self, model_name: str, cfg: ModelConfig, dtype: torch.dtype) -> None:
         """Raise ``ValueError`` unless this KV can be loaded into an LLM of ``model_name``
-        with config ``cfg``, KV ``dtype`` and ``page_size``: the message names the field
-        that differs, both values, and what to do."""
+        with config ``cfg`` and KV ``dtype``: the message names the field that differs, both
+        values, and what to do. The tokens' KV is stored without pages: it loads at any
+        page size (``page_size`` records the writer's)."""
         have = {"model": (self.model, model_name), "config_hash": (self.config_hash, config_hash(cfg)),
-                "dtype": (DTYPE_NAMES[self.dtype], DTYPE_NAMES.get(dtype, str(dtype))),
-                "page_size": (self.page_size, page_size)}
+                "dtype": (DTYPE_NAMES[self.dtype], DTYPE_NAMES.get(dtype, str(dtype)))}
         for field, (saved, ours) in have.items():
             if saved != ours:
                 fix = ("load it into an LLM of that model" if field in ("model", "config_hash")

@@ -279,7 +279,7 @@ class Scheduler:
         if not isinstance(kv, KVCache):
             raise TypeError(f"kv_cache must be a KVCache or the path of a KV file, got {type(kv).__name__}")
         check_policy(self.policy)
-        kv.check(self.model_name, self.config, self.store.dtype, self.store.page_size)
+        kv.check(self.model_name, self.config, self.store.dtype)
         if kv.chat != chat:
             how = "opens a user turn (prefilled with chat=True)" if kv.chat else "was prefilled without chat"
             raise ValueError(f"the saved KV {how}: generate with chat={kv.chat}, or prefill the document "
