@@ -104,12 +104,13 @@ def speed_systems(plan: Plan) -> list[System]:
 
 
 def device_kv_budget(system: System, plan: Plan, cfg: ModelConfig, n_tokens: int,
-                     batch: int = 1, page_size: int = 16, itemsize: int = 4) -> int:
+                     batch: int = 1, page_size: int | None = None, itemsize: int = 4) -> int:
     """Bytes of device KV budget a hetero system needs for ``batch`` sequences of up to
     ``n_tokens``, with a 10% margin: the whole KV for ``dense``, the policy's resident set
     (``Policy.device_pages``) for the sparse ones. A budget sized to the run is what a user
     sets; a far larger one only costs page-allocator time."""
     policy = make_policy(system.params["policy"], **policy_params(system))
+    page_size = page_size or policy.page_size  # the LLM's page size when none is given
     n_pages = -(-n_tokens // page_size)
     if system.sparse:
         pages = policy.device_pages(cfg, n_tokens, page_size, plan.prefill_chunk) * batch

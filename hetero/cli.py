@@ -89,7 +89,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-param", action="append", default=[], type=_name_value,
                    metavar="NAME=VALUE", help="an option of the policy (repeatable), e.g. token_budget=512")
     p.add_argument("--device-kv-budget", default=None, metavar="SIZE", help="device KV memory, e.g. 64MiB, 2GiB or bytes")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (power of two)")
+    p.add_argument("--page-size", type=int, default=None,
+                   help="tokens per KV page (power of two; default: the policy's, 8 for quest, else 16)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per prefill step (default: 1024 on the CPU, 4096 on CUDA)")
     for flag, name in POLICY_FLAGS.items():

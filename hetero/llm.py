@@ -49,7 +49,8 @@ class LLM:
     policy : decode-attention policy, a name in the registry ``hetero.policies.POLICIES``
         (``"dense"``, exact, by default); ``policy_params`` are the fields of its dataclass.
     device_kv_budget : bytes (or "2GiB") of device memory for KV; None = a default share.
-    page_size : tokens per KV page (a power of two).
+    page_size : tokens per KV page (a power of two); None = the policy's (``Policy.page_size``:
+        8 for quest's small selections, which miss less at that granularity, else 16).
     prefill_chunk : prompt tokens per prefill step (a multiple of ``page_size``); None = 1024
         on the CPU, 4096 on CUDA (``PREFILL_CHUNK``).
     max_model_len : longest prompt + generation; None = the model's trained context, or
@@ -71,7 +72,7 @@ class LLM:
     def __init__(
         self, model: str | None = None, device: str = "auto", dtype: str | torch.dtype | None = None,
         policy: str = "dense", policy_params: dict | None = None,
-        device_kv_budget: int | str | None = None, page_size: int = 16,
+        device_kv_budget: int | str | None = None, page_size: int | None = None,
         prefill_chunk: int | None = None, max_model_len: int | None = None,
         backend: str = "local", ray_address: str | None = None, weights: str = "dense",
     ):
@@ -80,16 +81,18 @@ class LLM:
             raise ValueError(f"ray_address is for backend='ray', not {backend!r}")
         backend_options = {} if ray_address is None else {"address": ray_address}
         make_backend = check_backend(backend, backend_options)
-        _check_int("page_size", page_size, 1)
-        if page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two, got {page_size}")
-        if prefill_chunk is not None:
-            _check_int("prefill_chunk", prefill_chunk, page_size)
+        if page_size is not None:
+            _check_int("page_size", page_size, 1)
+            if page_size & (page_size - 1):
+                raise ValueError(f"page_size must be a power of two, got {page_size}")
         if max_model_len is not None:
             _check_int("max_model_len", max_model_len, 2)
         if policy_params is not None and not isinstance(policy_params, dict):
             raise TypeError(f"policy_params must be a dict, got {type(policy_params).__name__}")
         self.policy = make_policy(policy, **(policy_params or {}))
+        page_size = self.policy.page_size if page_size is None else page_size
+        if prefill_chunk is not None:
+            _check_int("prefill_chunk", prefill_chunk, page_size)
         dev = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, dev)
         if weights not in WEIGHTS:

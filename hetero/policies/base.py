@@ -94,6 +94,9 @@ class Policy(ABC):
     # (InfLLM's bounded positions), so the model reads past its trained context; the engine
     # prefills window by window through every layer (attend_window) and decodes without RoPE
     bounded_positions: ClassVar[bool] = False
+    # tokens per KV page: the LLM's page size unless one is given (the granularity of a
+    # selection that picks pages)
+    page_size: ClassVar[int] = 16
     n_sink: int = 4
     n_local: int = 64
     dense_layers: int = 0

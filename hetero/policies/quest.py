@@ -3,6 +3,14 @@ min/max, fetch each KV head's top pages into the layer's head cache, attend over
 top pages + local window. ``token_budget`` counts every attended token; the first
 ``dense_layers`` layers stay exact (Quest keeps two).
 
+A small selection runs on 8-token pages (``page_size``, the LLM's unless it sets one): on
+the needle suite (``bench.needle_suite``) at 10% of 1.5k tokens (153), 16-token pages
+answered 65 of 90 needles, 8-token pages 82 and dense 88 (a bound over 16 varied tokens is
+too loose to rank the needle's page, and each pick brings 16 tokens). There they cost no
+measurable decode time; on a 1024-token selection they cost 10-16% at 8k-32k (twice the
+bounds to score and the pages to fetch), so a selection of at least ``FINE_PAGES_BELOW``
+16-token pages keeps them (docs/benchmarks.md).
+
 The policy owns its per-sequence state, in device pages it takes from the store's budget:
 per layer, the key bounds of the offloaded pages (written as pages leave, ``on_offload``)
 and the head cache (:class:`HeadSlots`)."""
@@ -19,6 +27,9 @@ from gpu_kernels import gather_head_pages, paged_decode_attention, quest_page_sc
 from hetero.cache import KVStore
 from hetero.config import ModelConfig
 from hetero.policies.base import DecodeStep, PagedState, Policy, StepPlan
+
+FINE_PAGES_BELOW = 32
+"""Top pages (of 16 tokens) under which quest runs on 8-token pages."""
 
 HEAD_CACHE_SPARE = 2
 """Pages a layer's head cache holds beyond its first selection and resident copies: the
@@ -69,6 +80,12 @@ class QuestPolicy(PagedState, Policy):
                 f"quest: token_budget {self.token_budget} is below n_sink + n_local "
                 f"({self.n_sink + self.n_local}): raise it or shrink the window"
             )
+
+    @property
+    def page_size(self) -> int:
+        """Tokens per page this selection runs on: 8 when it picks fewer than
+        ``FINE_PAGES_BELOW`` pages of 16 tokens, else 16."""
+        return 8 if self.top_pages(16) < FINE_PAGES_BELOW else 16
 
     def top_pages(self, page_size: int) -> int:
         """Offloaded pages each KV head attends to (at least 3, as in Quest)."""

@@ -2,6 +2,7 @@
 own top pages by the key-bound score, and the window, through the policy's head cache; the
 policy keeps the key bounds of what leaves and frees its pages with the sequence."""
 
+import pytest
 import torch
 
 from hetero.cache import KVStore
@@ -139,3 +140,22 @@ def test_exported_state_restores_the_key_bounds_and_the_same_attention():
     for layer in range(2):
         torch.testing.assert_close(policy.run(layer, q, plan), before[layer])
     assert policy.stats(0)["state_bytes"] > 0
+
+
+def test_small_selections_run_on_8_token_pages(tiny_model_dir):
+    """Fewer than 32 picks of 16 tokens: the LLM takes quest's 8-token pages unless it is
+    given a page size; larger selections, and other policies, keep 16."""
+    from hetero import LLM
+    from hetero.policies.quest import FINE_PAGES_BELOW
+
+    small = dict(token_budget=4 + 64 + 16 * (FINE_PAGES_BELOW - 1))
+    assert QuestPolicy(**small).page_size == 8
+    assert QuestPolicy(token_budget=small["token_budget"] + 16).page_size == 16 == QuestPolicy().page_size
+    with LLM(tiny_model_dir, device="cpu", policy="quest", policy_params=small) as llm:
+        assert llm.store.page_size == 8
+    with LLM(tiny_model_dir, device="cpu", policy="quest", policy_params=small, page_size=16) as llm:
+        assert llm.store.page_size == 16
+    with LLM(tiny_model_dir, device="cpu", policy="streaming") as llm:
+        assert llm.store.page_size == 16
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        LLM(tiny_model_dir, device="cpu", policy="quest", policy_params=small, prefill_chunk=12)
