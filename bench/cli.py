@@ -3,6 +3,7 @@
     hetero bench decode|prefill|fidelity|memory|kernels|all [--quick] [--out DIR] [--peers ...]
     hetero bench longctx [--quick] [--contexts N ...] [--out DIR]   # bench.longctx; not in 'all'
     hetero bench runahead [--quick] [--contexts N ...] [--repeats N] [--out DIR]  # bench.runahead; not in 'all'
+    hetero bench needles [--quick] [--contexts N ...] [--out DIR]  # bench.needle_suite; not in 'all'
     hetero bench setup [--peers ...] [--force]      # build the peers' venvs
     hetero bench report [--out DIR]                 # report.md + PNGs from DIR/*.json
 """
@@ -118,6 +119,17 @@ def run(args) -> None:
         spec = replace(spec, lengths=tuple(args.contexts)) if args.contexts else spec
         spec = replace(spec, repeats=(args.repeats,)) if args.repeats else spec
         print(runahead.run(spec, out, quick=args.quick))
+        return
+
+    if args.what == "needles":  # the needle suite, every sparse policy at shares of the keys; not in 'all'
+        from bench import needle_suite
+
+        spec = needle_suite.QUICK if args.quick else needle_suite.DEFAULT
+        if args.contexts:
+            spec = replace(spec, cells={n: v for n, v in spec.cells.items() if n in args.contexts})
+            if not spec.cells:
+                raise ValueError(f"--contexts: the needle suite runs at {sorted(needle_suite.DEFAULT.cells)}")
+        print(needle_suite.run(spec, out, progress=not args.no_progress, quick=args.quick))
         return
 
     from bench.fidelity import fidelity

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 SCHEMA = "hetero-bench/1"
-WORKLOADS = ("decode", "prefill", "fidelity", "memory", "kernels", "longctx", "runahead")
+WORKLOADS = ("decode", "prefill", "fidelity", "memory", "kernels", "longctx", "runahead", "needles")
 SUMMARY_KEYS = {"median", "min", "max", "mean", "n", "runs"}
 STATUSES = {"ok", "missing", "failed", "error"}
 

@@ -171,6 +171,36 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, budget: int, scale: float) -
     return (p[..., None] * picked).sum(2).reshape(hq, d)
 
 
+def _resident_kv(store: KVStore, table, layer: int) -> tuple[Tensor, Tensor]:
+    """Keys and values [Hkv, n, D] of one layer of a sequence that keeps its whole KV on
+    the device."""
+    ps = store.page_size
+    pages = table.layers[layer][: -(-table.n_tokens // ps)]
+    if OFFLOADED in pages:
+        raise ValueError("oracle top-k needs the whole KV on the device: raise the budget")
+    slots = (torch.tensor(pages)[:, None] * ps + torch.arange(ps)).flatten()[: table.n_tokens]
+    return store.k[:, slots.to(store.k.device)], store.v[:, slots.to(store.v.device)]
+
+
+class TopKAttention:
+    """An attention hook that makes a run that keeps its whole KV (the dense policy within
+    budget) decode with oracle token top-k attention (``topk_attention``, ``budget`` keys
+    per query head) in the layers ``>= skip_layers``: the accuracy bound of any selection
+    that touches ``budget`` keys. Not a runtime policy: it reads every key to choose."""
+
+    def __init__(self, budget: int, skip_layers: int):
+        self.budget, self.skip_layers = budget, skip_layers
+
+    def __call__(self, layer: int, q: Tensor, plan: StepPlan, out: Tensor) -> Tensor | None:
+        if layer < self.skip_layers:
+            return None
+        rows = []
+        for b, table in enumerate(plan.step.tables):
+            k, v = _resident_kv(plan.step.store, table, layer)
+            rows.append(topk_attention(q[b], k, v, self.budget, plan.step.scale))
+        return torch.stack(rows).to(out.dtype)
+
+
 class TopKOracle(_ExactHook):
     """Records the error oracle token top-k attention (``topk_attention``) would make at
     each of ``budgets`` tokens in the layers ``>= skip_layers``, for sequences that keep
@@ -185,13 +215,8 @@ class TopKOracle(_ExactHook):
         exact = self.exact(layer, q, plan)
         if layer < self.skip_layers:
             return exact
-        store, ps = plan.step.store, plan.step.store.page_size
         for b, table in enumerate(plan.step.tables):
-            pages = table.layers[layer][: -(-table.n_tokens // ps)]
-            if OFFLOADED in pages:
-                raise ValueError("TopKOracle needs the whole KV on the device: raise the budget")
-            slots = (torch.tensor(pages)[:, None] * ps + torch.arange(ps)).flatten()[: table.n_tokens]
-            k, v = store.k[:, slots.to(store.k.device)], store.v[:, slots.to(store.v.device)]
+            k, v = _resident_kv(plan.step.store, table, layer)
             for budget in self.budgets:
                 approx = topk_attention(q[b], k, v, budget, plan.step.scale)
                 self.errors[budget][layer] += _relative_error(approx[None], exact[b : b + 1])
