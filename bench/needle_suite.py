@@ -9,7 +9,7 @@ policy). actqkv keeps no saved KV and prefills each prompt itself (the raw ones,
 haystack, format, length) with one trial per depth; it counts only where dense answers
 >= ``counted`` of them.
 
-    python -m bench.needle_suite [--quick] [--lengths 1536,4k] [--policies quest,streaming]
+    python -m bench.needle_suite [--quick] [--lengths 1536,8k] [--policies quest,streaming]
 """
 
 from __future__ import annotations
