@@ -7,7 +7,8 @@ import torch
 
 from hetero import LLM
 from hetero.model import Rope
-from hetero.probe import AttentionProbe, TopKOracle, hooked, probe_attention, time_decode_steps, topk_attention
+from hetero.probe import (AttentionProbe, TopKAttention, TopKOracle, hooked, probe_attention, time_decode_steps,
+                          topk_attention)
 from tests.oracle import attention_oracle
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 4
@@ -164,6 +165,22 @@ def test_topk_oracle_probe_on_a_model(tiny_model_dir):
     every, few = oracle.step_errors(64), oracle.step_errors(4)
     assert len(every) == len(few) == 3
     assert max(every) < 1e-5 and min(few) > 1e-3
+    assert llm.store.allocator.n_used == 0 and _no_hooks(llm)
+
+
+def test_topk_attention_decodes_through_the_oracle(tiny_model_dir):
+    """Decode through the hook (teacher forced): every key kept gives the dense run's
+    logprobs; one key per head in the layers it covers gives others."""
+    llm = _tiny(tiny_model_dir)
+    ids = llm.tokenizer(TEXT)["input_ids"]
+    ctx, cont = ids[:32], ids[32:40]
+    dense = torch.tensor(llm.decode_logprobs(ctx, cont))
+    with hooked(llm.engine.attention_hooks, TopKAttention(64, skip_layers=0)):
+        every = torch.tensor(llm.decode_logprobs(ctx, cont))
+    with hooked(llm.engine.attention_hooks, TopKAttention(1, skip_layers=1)):
+        one = torch.tensor(llm.decode_logprobs(ctx, cont))
+    torch.testing.assert_close(every, dense, atol=1e-4, rtol=1e-4)
+    assert (one - dense).abs().max() > 1e-3
     assert llm.store.allocator.n_used == 0 and _no_hooks(llm)
 
 
