@@ -11,9 +11,10 @@ NEEDLE_HAY = TEXT_DIR / "GPL-3"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
-def real_text() -> str:
-    """The license texts joined (about 150k tokens with a Llama-family tokenizer)."""
-    files = sorted(p for p in TEXT_DIR.iterdir() if p.is_file())
+def real_text(exclude: tuple[str, ...] = ()) -> str:
+    """The license texts joined (about 150k tokens with a Llama-family tokenizer), but the
+    files named in ``exclude``."""
+    files = sorted(p for p in TEXT_DIR.iterdir() if p.is_file() and p.name not in exclude)
     if not files:
         raise ValueError(f"no text files under {TEXT_DIR}: the bench needs real English text")
     return "\n\n".join(p.read_text(errors="replace") for p in files)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from bench.corpus import needle_cases, real_token_ids
 from bench.plan import FULL
-from bench.results import machine, new_doc, summary, write_doc
+from bench.results import int_list, machine, new_doc, summary, write_doc
 from bench.systems import System, hetero, hetero_llm_args, hetero_sparse
 
 logger = logging.getLogger(__name__)
@@ -291,9 +291,7 @@ def run(spec: Spec, out_dir: Path, progress: bool = False, quick: bool = False,
     return path
 
 
-def _lengths(text: str) -> tuple[int, ...]:
-    """``16k,32768`` -> (16384, 32768)."""
-    return tuple(int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in text.split(","))
+_lengths = int_list
 
 
 def _floats(text: str) -> tuple[float, ...]:

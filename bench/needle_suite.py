@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.needles import FORMATS, HAYSTACKS, TEMPLATES, needle_suite
-from bench.results import machine, new_doc, write_doc
+from bench.results import int_list, machine, new_doc, write_doc
 
 log = logging.getLogger(__name__)
 SPARSE = ("quest", "streaming", "magicpig", "actqkv")
@@ -124,10 +124,8 @@ def _answer(llm, c: Contender, prompt, kv, dense_layers: int) -> str:
     return out.text
 
 
-def _touched(llm, c: Contender, before) -> float | None:
-    """Share of the keys a magicpig or actqkv run read (``Policy.key_counts``)."""
-    if c.policy not in ("magicpig", "actqkv"):
-        return None
+def _touched(llm, before) -> float | None:
+    """Share of the keys a magicpig or actqkv run read since ``before`` (``Policy.key_counts``)."""
     read, seen = (a - b for a, b in zip(llm.policy.key_counts(), before))
     return read / seen if seen else None
 
@@ -164,7 +162,7 @@ def measure(spec: Spec, progress: bool = True, model: str | None = None) -> dict
                 before = llm.policy.key_counts() if c.policy in ("magicpig", "actqkv") else None
                 text = _answer(llm, c, p, kv, spec.dense_layers)
                 if before is not None:
-                    touched[c, p.cell].append(_touched(llm, c, before))
+                    touched[c, p.cell].append(_touched(llm, before))
                 hits[c, p.cell].append(float(p.hit(text)))
                 texts[c, p.cell].append(text)
                 seconds[c.name] += time.perf_counter() - t0
@@ -259,16 +257,12 @@ def run(spec: Spec, out: Path, progress: bool = True, quick: bool = False) -> Pa
     return path
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in text.split(","))
-
-
 def main(argv: list[str] | None = None) -> int:
     from bench.cli import out_dir
 
     ap = argparse.ArgumentParser(prog="python -m bench.needle_suite", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1.5k tokens, 6 cells of 3 depths, 10%% of keys")
-    ap.add_argument("--lengths", type=_ints, default=None, help="only these lengths of the plan")
+    ap.add_argument("--lengths", type=int_list, default=None, help="only these lengths of the plan")
     ap.add_argument("--policies", default=None, help="sparse policies, comma-separated (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default bench/out/quick or full)")
     args = ap.parse_args(argv)

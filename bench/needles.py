@@ -15,9 +15,9 @@ import random
 import warnings
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
-LICENSES = Path("/usr/share/common-licenses")
+from bench.corpus import NEEDLE_HAY, real_text
+
 DOC_MODULES = ("argparse", "collections", "functools", "itertools", "json", "logging", "os", "pathlib", "re",
                "shutil", "string", "subprocess", "textwrap", "threading", "typing", "unittest", "datetime")
 CODE_MODULES = ("textwrap", "argparse", "json.decoder", "functools", "dataclasses", "shlex", "fractions", "calendar")
@@ -56,28 +56,21 @@ TEMPLATES = {
 
 
 def _licenses() -> str:
-    files = sorted(p for p in LICENSES.iterdir() if p.is_file() and p.name != "GPL-3")  # GPL-3: the passkey's
-    if not files:
-        raise ValueError(f"no license texts under {LICENSES}: the needle suite needs them")
-    return "\n\n".join(p.read_text(errors="replace") for p in files)
+    return real_text(exclude=(NEEDLE_HAY.name,))  # the passkey's haystack stays held out
 
 
 def _docstrings() -> str:
-    with warnings.catch_warnings():  # typing.re and the like warn when read
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return _read_docstrings()
-
-
-def _read_docstrings() -> str:
     parts = []
     for name in DOC_MODULES:
         module = importlib.import_module(name)
         parts.append(inspect.getdoc(module) or "")
         for attr in sorted(vars(module)):
-            obj = getattr(module, attr)
+            with warnings.catch_warnings():  # typing.re and the like warn when read
+                warnings.simplefilter("ignore", DeprecationWarning)
+                obj = getattr(module, attr)
+                doc = inspect.getdoc(obj)
             if attr.startswith("_") or getattr(obj, "__module__", None) != name:
                 continue
-            doc = inspect.getdoc(obj)
             if doc and (inspect.isfunction(obj) or inspect.isclass(obj)):
                 parts.append(f"{name}.{attr}: {doc}")
     return "\n\n".join(p for p in parts if p)

@@ -86,6 +86,11 @@ def machine() -> dict:
     }
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """A command line's list of counts or lengths: ``8k,16384`` -> (8192, 16384)."""
+    return tuple(int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in text.split(","))
+
+
 def new_doc(workload: str, quick: bool, machine_info: dict, model: dict, settings: dict) -> dict:
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")

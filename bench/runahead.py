@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench.corpus import real_token_ids
-from bench.results import machine, new_doc, summary, write_doc
+from bench.results import int_list, machine, new_doc, summary, write_doc
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +208,7 @@ def run(spec: Spec, out_dir: Path, quick: bool = False, model: str | None = None
     return path
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    """``8k,16384`` -> (8192, 16384)."""
-    return tuple(int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in text.split(","))
+_ints = int_list
 
 
 def main(argv: list[str] | None = None) -> int:
