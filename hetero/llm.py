@@ -195,12 +195,16 @@ class LLM:
                                             progress=_chain_bar(workers, self.config.n_layers) if progress else None)
         return result.kv_cache(self.model_name, config_hash(self.config), self.store.page_size, chat)
 
-    def stream(self, prompt: str, params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams | None = None, chat: bool = False,
+               kv_cache: KVCache | str | os.PathLike | None = None) -> Iterator[str]:
         """Yield the text of one prompt's generation piece by piece as it is decoded.
 
-        The request is admitted (and checked) at the first ``next``; its pages are freed
-        when it ends, fails, or the generator is closed or dropped."""
-        return self.scheduler.stream(prompt, params, chat)
+        ``kv_cache``: the prompt is a question about that saved document, as in
+        :meth:`generate`. The request is admitted (and checked) at the first ``next``; its
+        pages are freed when it ends, fails, or the generator is closed or dropped."""
+        if isinstance(kv_cache, (str, os.PathLike)):
+            kv_cache = KVCache.load(kv_cache)
+        return self.scheduler.stream(prompt, params, chat, kv_cache)
 
     def logprobs(self, text: str) -> LogprobsOutput:
         """Per-token log-probabilities of ``text`` under the model (for perplexity)."""

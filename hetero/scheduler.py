@@ -85,10 +85,11 @@ class Scheduler:
         finally:  # on any exit: an error, Ctrl-C
             self.release(reqs)
 
-    def stream(self, prompt: str, params: SamplingParams | None, chat: bool) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams | None, chat: bool,
+               kv: KVCache | None = None) -> Iterator[str]:
         """The text of one prompt's generation piece by piece (``LLM.stream``); admitted at
         the first ``next``, released when it ends, fails, or is closed or dropped."""
-        (req,) = self.admit([prompt], params, chat)
+        (req,) = self.admit([prompt], params, chat, kv)
         try:
             for _ in self.run([req], progress=False):
                 if piece := req.detok.delta():

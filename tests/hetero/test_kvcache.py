@@ -170,6 +170,19 @@ def test_magicpig_builds_its_tables_on_the_loaded_kv(tiny_model_dir, doc_ids, qu
     llm.close()
 
 
+def test_a_question_on_a_saved_kv_streams_what_generate_returns(dense, doc_ids, tmp_path):
+    kv = dense.prefill(doc_ids)
+    (out,) = dense.generate("Why?", GREEDY, kv_cache=kv)
+    assert "".join(dense.stream("Why?", GREEDY, kv_cache=kv)) == out.text
+    path = kv.save(tmp_path / "doc.kv")
+    stream = dense.stream("Why?", GREEDY, kv_cache=path)
+    next(stream)
+    stream.close()  # stopped early: its pages are freed
+    assert dense.store.allocator.n_used == 0
+    with pytest.raises(ValueError, match="chat=False"):
+        next(dense.stream("Why?", GREEDY, chat=True, kv_cache=kv))
+
+
 def test_a_loaded_kv_leaves_the_store_as_a_prefill_does(tiny_model_dir, doc_ids, question_ids):
     """Page tables, quest's key bounds and the KV itself, after a load and the question on
     top, against the document and the question prefilled together."""
