@@ -157,29 +157,38 @@ class AttentionProbe(_ExactHook):
         return sum(res) / len(res)
 
 
-def topk_attention(q: Tensor, k: Tensor, v: Tensor, budget: int, scale: float) -> Tensor:
+def topk_attention(q: Tensor, k: Tensor, v: Tensor, budget: int, scale: float,
+                   v_slots: Tensor | None = None) -> Tensor:
     """Oracle token top-k attention: each query head of ``q`` [Hq, D] attends only to its
-    ``budget`` keys of highest true score in ``k``, ``v`` [Hkv, N, D] (GQA). Returns [Hq, D]."""
+    ``budget`` keys of highest true score in ``k``, ``v`` [Hkv, N, D] (GQA). Returns [Hq, D].
+    With ``v_slots`` [N], key ``i``'s value is ``v[:, v_slots[i]]`` (the store's pool: only
+    the picked values are read)."""
     hq, d = q.shape
     hkv, n, _ = k.shape
     g = hq // hkv
     scores = (q.view(hkv, g, d) @ k.transpose(1, 2)) * scale  # [Hkv, G, N]
     top = scores.topk(min(budget, n), dim=-1)
     p = torch.softmax(top.values, dim=-1)
-    picked = torch.gather(v[:, None].expand(hkv, g, n, d), 2,
-                          top.indices[..., None].expand(-1, -1, -1, d))  # [Hkv, G, k, D]
+    rows = top.indices if v_slots is None else v_slots[top.indices]
+    picked = v[torch.arange(hkv, device=v.device)[:, None, None], rows]  # [Hkv, G, k, D]
     return (p[..., None] * picked).sum(2).reshape(hq, d)
 
 
-def _resident_kv(store: KVStore, table, layer: int) -> tuple[Tensor, Tensor]:
-    """Keys and values [Hkv, n, D] of one layer of a sequence that keeps its whole KV on
-    the device."""
+def _resident_slots(store: KVStore, table, layer: int) -> Tensor:
+    """Pool slots of one layer's tokens, for a sequence that keeps its whole KV on the device."""
     ps = store.page_size
     pages = table.layers[layer][: -(-table.n_tokens // ps)]
     if OFFLOADED in pages:
         raise ValueError("oracle top-k needs the whole KV on the device: raise the budget")
     slots = (torch.tensor(pages)[:, None] * ps + torch.arange(ps)).flatten()[: table.n_tokens]
-    return store.k[:, slots.to(store.k.device)], store.v[:, slots.to(store.v.device)]
+    return slots.to(store.k.device)
+
+
+def _resident_kv(store: KVStore, table, layer: int) -> tuple[Tensor, Tensor]:
+    """Keys and values [Hkv, n, D] of one layer of a sequence that keeps its whole KV on
+    the device."""
+    slots = _resident_slots(store, table, layer)
+    return store.k[:, slots], store.v[:, slots]
 
 
 class TopKAttention:
@@ -194,10 +203,10 @@ class TopKAttention:
     def __call__(self, layer: int, q: Tensor, plan: StepPlan, out: Tensor) -> Tensor | None:
         if layer < self.skip_layers:
             return None
-        rows = []
+        rows, store = [], plan.step.store
         for b, table in enumerate(plan.step.tables):
-            k, v = _resident_kv(plan.step.store, table, layer)
-            rows.append(topk_attention(q[b], k, v, self.budget, plan.step.scale))
+            slots = _resident_slots(store, table, layer)
+            rows.append(topk_attention(q[b], store.k[:, slots], store.v, self.budget, plan.step.scale, slots))
         return torch.stack(rows).to(out.dtype)
 
 

@@ -145,7 +145,8 @@ def test_time_decode_steps_records_each_step(tiny_model_dir):
 
 
 def test_topk_oracle_attention():
-    """Every key kept: exact attention; one key kept: that head's best-scoring value."""
+    """Every key kept: exact attention; one key kept: that head's best-scoring value; values
+    through slots of a pool as values in order."""
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(4, 8, generator=g), torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g)
     pos = torch.arange(10)
@@ -155,6 +156,10 @@ def test_topk_oracle_attention():
     best = (q.view(2, 2, 8) @ k.transpose(1, 2)).argmax(-1)  # [Hkv, G]
     want = torch.stack([v[h, best[h, j]] for h in range(2) for j in range(2)])
     torch.testing.assert_close(topk_attention(q, k, v, 1, 0.5), want)
+    # values read from a pool through the keys' slots: the same
+    slots = torch.randperm(16, generator=g)[:10]
+    pool = torch.zeros(2, 16, 8).index_copy_(1, slots, v)
+    torch.testing.assert_close(topk_attention(q, k, pool, 3, 0.5, slots), topk_attention(q, k, v, 3, 0.5))
 
 
 def test_topk_oracle_probe_on_a_model(tiny_model_dir):
