@@ -51,6 +51,7 @@ def parse_policy_params(name: str, pairs: list[tuple[str, str]]) -> dict:
                              f"{', '.join(options) or 'none'}")
         annotation = options[option].type
         kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+        kind = kind.removesuffix(" | None")  # an option whose default is derived (quest's n_local)
         if kind not in _READERS:
             raise ValueError(f"policy {name!r}: option {option!r} ({kind}) cannot be set here")
         try:

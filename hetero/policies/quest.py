@@ -3,6 +3,11 @@ min/max, fetch each KV head's top pages into the layer's head cache, attend over
 top pages + local window. ``token_budget`` counts every attended token; the first
 ``dense_layers`` layers stay exact (Quest keeps two).
 
+The local window takes a 16th of the budget by default (16 to 64 tokens: 64 from a budget of
+1024): at 10% of 1.5k tokens a 64-token window left the picks 85 tokens and answered 78 of
+90 needles, 38 tokens 82, 16 tokens 86 (dense 88); at 20% of 1.5k and 10% of 8k the window's
+size made no difference (docs/benchmarks.md).
+
 A small selection runs on 8-token pages (``page_size``, the LLM's unless it sets one): on
 the needle suite (``bench.needle_suite``) at 10% of 1.5k tokens (153), 16-token pages
 answered 65 of 90 needles, 8-token pages 82 and dense 88 (a bound over 16 varied tokens is
@@ -30,6 +35,9 @@ from hetero.policies.base import DecodeStep, PagedState, Policy, StepPlan
 
 FINE_PAGES_BELOW = 32
 """Top pages (of 16 tokens) under which quest runs on 8-token pages."""
+
+WINDOW_SHARE = 16
+"""The local window's default: 1/16 of ``token_budget``, 16 to 64 tokens."""
 
 HEAD_CACHE_SPARE = 2
 """Pages a layer's head cache holds beyond its first selection and resident copies: the
@@ -65,16 +73,18 @@ class _SeqState:
 @dataclass(slots=True)
 class QuestPolicy(PagedState, Policy):
     name = "quest"
-    n_local: int = 64
+    n_local: int | None = None  # None: a 16th of token_budget, 16 to 64 tokens
     dense_layers: int = 2
     token_budget: int = 1024
     _store: KVStore | None = field(default=None, init=False, repr=False)
     _seqs: dict[int, _SeqState] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
-        Policy.__post_init__(self)
         if not isinstance(self.token_budget, int) or isinstance(self.token_budget, bool):
             raise ValueError(f"quest: token_budget must be an integer, got {self.token_budget!r}")
+        if self.n_local is None:
+            self.n_local = min(64, max(16, self.token_budget // WINDOW_SHARE))
+        Policy.__post_init__(self)
         if self.token_budget < self.n_sink + self.n_local:
             raise ValueError(
                 f"quest: token_budget {self.token_budget} is below n_sink + n_local "

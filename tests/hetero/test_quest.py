@@ -142,15 +142,23 @@ def test_exported_state_restores_the_key_bounds_and_the_same_attention():
     assert policy.stats(0)["state_bytes"] > 0
 
 
+def test_the_window_is_a_16th_of_the_budget_unless_given():
+    assert [QuestPolicy(token_budget=b).n_local for b in (153, 512, 1024, 4096)] == [16, 32, 64, 64]
+    assert QuestPolicy(token_budget=153, n_local=38).n_local == 38
+    assert QuestPolicy(token_budget=153).top_pages(8) == (153 - 4 - 16) // 8
+    with pytest.raises(ValueError, match="below n_sink \\+ n_local \\(20\\)"):
+        QuestPolicy(token_budget=19)
+
+
 def test_small_selections_run_on_8_token_pages(tiny_model_dir):
     """Fewer than 32 picks of 16 tokens: the LLM takes quest's 8-token pages unless it is
     given a page size; larger selections, and other policies, keep 16."""
     from hetero import LLM
     from hetero.policies.quest import FINE_PAGES_BELOW
 
-    small = dict(token_budget=4 + 64 + 16 * (FINE_PAGES_BELOW - 1))
+    small = dict(token_budget=4 + 64 + 16 * (FINE_PAGES_BELOW - 1), n_local=64)
     assert QuestPolicy(**small).page_size == 8
-    assert QuestPolicy(token_budget=small["token_budget"] + 16).page_size == 16 == QuestPolicy().page_size
+    assert QuestPolicy(token_budget=small["token_budget"] + 16, n_local=64).page_size == 16 == QuestPolicy().page_size
     with LLM(tiny_model_dir, device="cpu", policy="quest", policy_params=small) as llm:
         assert llm.store.page_size == 8
     with LLM(tiny_model_dir, device="cpu", policy="quest", policy_params=small, page_size=16) as llm:
