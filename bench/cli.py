@@ -3,7 +3,7 @@
     hetero bench decode|prefill|fidelity|memory|kernels|all [--quick] [--out DIR] [--peers ...]
     hetero bench longctx [--quick] [--contexts N ...] [--out DIR]   # bench.longctx; not in 'all'
     hetero bench runahead [--quick] [--contexts N ...] [--repeats N] [--out DIR]  # bench.runahead; not in 'all'
-    hetero bench needles [--quick] [--contexts N ...] [--out DIR]  # bench.needle_suite; not in 'all'
+    hetero bench needles [--quick | --past] [--contexts N ...] [--out DIR]  # bench.needle_suite; not in 'all'
     hetero bench setup [--peers ...] [--force]      # build the peers' venvs
     hetero bench report [--out DIR]                 # report.md + PNGs from DIR/*.json
 """
@@ -48,6 +48,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--resume", action="store_true",
                    help="reuse the speed points an interrupted run timed (DIR/*.json and "
                         "DIR/points.jsonl, where each point is journaled as it is timed)")
+    b.add_argument("--past", action="store_true",
+                   help="needles: actqkv at 16k, past the trained context, instead of the full run")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(run=run)
     return b
@@ -124,11 +126,12 @@ def run(args) -> None:
     if args.what == "needles":  # the needle suite, every sparse policy at shares of the keys; not in 'all'
         from bench import needle_suite
 
-        spec = needle_suite.QUICK if args.quick else needle_suite.DEFAULT
+        spec = needle_suite.QUICK if args.quick else needle_suite.PAST if args.past else needle_suite.DEFAULT
         if args.contexts:
+            at = sorted(spec.cells)
             spec = replace(spec, cells={n: v for n, v in spec.cells.items() if n in args.contexts})
             if not spec.cells:
-                raise ValueError(f"--contexts: the needle suite runs at {sorted(needle_suite.DEFAULT.cells)}")
+                raise ValueError(f"--contexts: the needle suite runs at {at}")
         print(needle_suite.run(spec, out, progress=not args.no_progress, quick=args.quick))
         return
 
