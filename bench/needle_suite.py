@@ -56,7 +56,7 @@ DEFAULT = Spec()
 QUICK = replace(DEFAULT, cells={1536: (tuple(TEMPLATES), ("licenses", "code"), ("raw",))},
                 depths=(0.1, 0.5, 0.9), fractions=(0.1,), policies=("quest", "streaming"), counted=2)
 # past the embedded model's 8k trained context only actqkv runs (the others refuse such a
-# prompt), with no dense reference: each 16k prompt's own prefill takes ~45 s, so one fraction
+# prompt), with no dense reference: each 16k prompt's own prefill takes ~30 s, so one fraction
 PAST = replace(DEFAULT, cells={16384: (tuple(TEMPLATES), ("licenses",), ("raw",))}, fractions=(0.1,),
                policies=("actqkv",), actqkv_max_length=16384)
 

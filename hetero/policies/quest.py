@@ -5,8 +5,8 @@ top pages + local window. ``token_budget`` counts every attended token; the firs
 
 The local window takes a 16th of the budget by default (16 to 64 tokens: 64 from a budget of
 1024): at 10% of 1.5k tokens a 64-token window left the picks 85 tokens and answered 78 of
-90 needles, 38 tokens 82, 16 tokens 86 (dense 88); at 20% of 1.5k and 10% of 8k the window's
-size made no difference (docs/benchmarks.md).
+90 needles, 38 tokens 82, 16 tokens 86 (dense 88); on held-out depths, at 20% of 1.5k and at
+10% of 8k the window's size made no more than one needle's difference (docs/benchmarks.md).
 
 A small selection runs on 8-token pages (``page_size``, the LLM's unless it sets one): on
 the needle suite (``bench.needle_suite``) at 10% of 1.5k tokens (153), 16-token pages
