@@ -166,9 +166,7 @@ class LLM:
         ``chat=True`` opened a user turn, which the question closes. ``Output.stats``
         counts the question's tokens as the prompt's.
         """
-        if isinstance(kv_cache, (str, os.PathLike)):
-            kv_cache = KVCache.load(kv_cache)
-        return self.scheduler.generate(prompts, params, chat, progress, kv_cache)
+        return self.scheduler.generate(prompts, params, chat, progress, _load_kv(kv_cache))
 
     def prefill(self, prompt: str | list[int], workers: int = 1, chat: bool = False,
                 progress: bool = False) -> KVCache:
@@ -202,9 +200,7 @@ class LLM:
         ``kv_cache``: the prompt is a question about that saved document, as in
         :meth:`generate`. The request is admitted (and checked) at the first ``next``; its
         pages are freed when it ends, fails, or the generator is closed or dropped."""
-        if isinstance(kv_cache, (str, os.PathLike)):
-            kv_cache = KVCache.load(kv_cache)
-        return self.scheduler.stream(prompt, params, chat, kv_cache)
+        return self.scheduler.stream(prompt, params, chat, _load_kv(kv_cache))
 
     def logprobs(self, text: str) -> LogprobsOutput:
         """Per-token log-probabilities of ``text`` under the model (for perplexity)."""
@@ -242,6 +238,11 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _load_kv(kv_cache):
+    """``kv_cache`` as given, or the KV file at that path loaded."""
+    return KVCache.load(kv_cache) if isinstance(kv_cache, (str, os.PathLike)) else kv_cache
 
 
 def _chain_bar(workers: int, n_layers: int):
